@@ -1,0 +1,1 @@
+"""embed: the slim package shared by the four pipeline scripts (generate, mine, train, evaluate)."""

@@ -1,0 +1,316 @@
+"""Recipe configuration shared by the four scripts.
+
+One YAML recipe describes a run; `--dotted.key value` on the command line overrides any key
+(list items by index: `--train.stages.0.learning_rate 1.0e-05`). Like TRL's parser, the YAML
+only sets defaults and the command line wins; unlike a plain argparse setup, an unknown or
+misspelled key is an error that names it (contrastors once lost a whole data section to a typo),
+and so is a value of the wrong type. The merged config is saved in `run_dir` so a run can be
+reproduced from its own folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or on the command line; scripts print it as one line."""
+
+
+# ---------------------------------------------------------------- type checking
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _type_name(tp) -> str:
+    opt, inner = _is_optional(tp)
+    if opt:
+        return f"{_type_name(inner)} or null"
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` checked against the annotation `tp`, or raise ConfigError naming `key`."""
+    opt, inner = _is_optional(tp)
+    if value is None:
+        if opt:
+            return None
+        raise ConfigError(f"key '{key}' must be {_type_name(tp)}, got null")
+    tp = inner
+    origin = get_origin(tp)
+    bad = ConfigError(f"key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad
+        return from_dict(tp, value, key + ".")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # a single value where a list is expected: `--data.eval DIR`
+        return [coerce(v, get_args(tp)[0], f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `2e-5` as a string; accept it, it is unambiguous
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported annotation {tp} for key '{key}'")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys by their dotted name."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> Any:
+    """Plain YAML-able data from a (possibly nested) dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- dotted keys
+def _type_at(schema, parts: list[str]) -> Any:
+    """The annotation of the dotted key `parts` inside dataclass `schema` (list indices allowed)."""
+    tp: Any = schema
+    walked = []
+    for part in parts:
+        _, tp = _is_optional(tp)
+        walked.append(part)
+        if dataclasses.is_dataclass(tp):
+            hints = _hints(tp)
+            if part not in hints:
+                names = list(hints)
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f" (did you mean '{'.'.join(walked[:-1] + [close[0]])}'?)" if close else ""
+                raise ConfigError(f"unknown key '{'.'.join(walked)}'{hint}")
+            tp = hints[part]
+        elif get_origin(tp) is list and part.isdigit():
+            tp = get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            tp = Any
+        else:
+            raise ConfigError(f"unknown key '{'.'.join(walked)}'")
+    return tp
+
+
+def _parse_cli_value(raw: str, tp: Any) -> Any:
+    _, inner = _is_optional(tp)
+    if inner is str and raw not in ("null", "~"):
+        return raw  # keep strings verbatim: `--run_dir 0001` stays "0001"
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any, key: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt_is_index = parts[i + 1].isdigit()
+        if isinstance(node, list):
+            idx = int(part)
+            if idx >= len(node):
+                raise ConfigError(f"key '{key}': index {idx} is past the end of a list of {len(node)}")
+            node = node[idx]
+        else:
+            if node.get(part) is None:
+                if nxt_is_index:
+                    raise ConfigError(f"key '{key}': '{part}' is not set in the recipe, so it has no index")
+                node[part] = {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        if idx >= len(node):
+            raise ConfigError(f"key '{key}': index {idx} is past the end of a list of {len(node)}")
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(schema, argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """Split argv into the recipe path and typed (dotted key, value) overrides."""
+    recipe, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if recipe is not None:
+                raise ConfigError(f"unexpected argument '{arg}' (only one recipe file may be given)")
+            recipe = arg
+            i += 1
+            continue
+        key, eq, raw = arg[2:].partition("=")
+        tp = _type_at(schema, key.split("."))
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or (nxt.startswith("--") and not _looks_numeric(nxt)):
+                if _is_optional(tp)[1] is bool:
+                    raw = "true"  # a bare boolean flag: `--train.gradient_checkpointing`
+                else:
+                    raise ConfigError(f"key '{key}' needs a value")
+            else:
+                raw = nxt
+                i += 1
+        overrides.append((key, _parse_cli_value(raw, tp)))
+        i += 1
+    return recipe, overrides
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- loading
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe {path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: the top level must be a mapping of keys")
+    return data
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, recursing into mappings; lists and scalars are replaced whole."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(schema, argv: list[str]):
+    """Merge recipe YAML and command-line overrides into a validated `schema` instance."""
+    recipe, overrides = parse_overrides(schema, argv)
+    tree = _deep_merge(to_dict(schema()), load_yaml(recipe) if recipe else {})
+    source = recipe or "the command line"
+    try:
+        for key, value in overrides:
+            _set_dotted(tree, key.split("."), value, key)
+        return from_dict(schema, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def format_help(schema, prog: str, description: str) -> str:
+    lines = [f"usage: {prog} RECIPE.yaml [--key value ...]", "", description.strip(), "", "keys (default):"]
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = _hints(cls)[f.name]
+            _, inner = _is_optional(tp)
+            if dataclasses.is_dataclass(inner):
+                walk(inner, prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = yaml.safe_dump(to_dict(default), default_flow_style=True, width=10**6).strip()
+            shown = shown.removesuffix("\n...").removesuffix("...").strip()
+            doc = f.metadata.get("help", "")
+            lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}) = {shown}" + (f"\n      {doc}" if doc else ""))
+
+    walk(schema, "")
+    return "\n".join(lines)
+
+
+def save_config(config, path: str | os.PathLike) -> None:
+    """Write the merged config atomically, so a run folder always says what it ran with."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def parse_recipe(stage: str, argv: list[str] | None = None, description: str = ""):
+    """Parse `RECIPE.yaml [--key value ...]` for `stage`, create run_dir, save `<stage>_config.yaml`."""
+    from embed.recipe import Recipe
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help(Recipe, os.path.basename(sys.argv[0]), description or f"{stage} stage"))
+        raise SystemExit(0)
+    config = build_config(Recipe, argv)
+    config.validate()
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    save_config(config, Path(config.run_dir) / f"{stage}_config.yaml")
+    return config

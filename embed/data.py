@@ -1,0 +1,373 @@
+"""Data in and out: BEIR folders or Hugging Face datasets in, the training-set schema out.
+
+Every reader validates as it goes and names file, line and field in its error, because a
+bad line found an hour into a run is worth less than one found at load time. Writers are
+atomic (temp file + rename) or append-only with a torn-tail repair, so a killed job never
+leaves a half file that looks whole.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the field."""
+
+
+# ---------------------------------------------------------------- low-level IO
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; raise DataError on bad bytes or JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
+
+
+class JsonlAppender:
+    """Append-only JSONL output that a rerun resumes: no duplicates, no gaps.
+
+    On open, complete lines are read back and their keys collected in `done`; a torn last
+    line (the process was killed mid-write) is cut off. `write` flushes and fsyncs, so
+    whatever `done` reports after a crash really is on disk.
+    """
+
+    def __init__(self, path: str | os.PathLike, key_fn: Callable[[dict], Any]):
+        self.path = Path(path)
+        self.key_fn = key_fn
+        self.done: set = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_and_index()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _repair_and_index(self) -> None:
+        if not self.path.exists():
+            return
+        good_bytes = 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # torn tail
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    break  # torn or corrupt tail: keep what precedes it
+                self.done.add(self.key_fn(row))
+                good_bytes += len(raw)
+        if good_bytes != self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(good_bytes)
+
+    def write(self, rows: Iterable[dict]) -> int:
+        n = 0
+        for row in rows:
+            key = self.key_fn(row)
+            if key in self.done:
+                continue
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.done.add(key)
+            n += 1
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------- BEIR / HF inputs
+@dataclass
+class Corpus:
+    """Documents in file order. `skipped` counts lines dropped (e.g. empty text) by reason."""
+
+    ids: list[str]
+    titles: list[str]
+    texts: list[str]
+    source: str = ""
+    skipped: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        self.index = {doc_id: i for i, doc_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def doc_text(self, i: int) -> str:
+        """Title and text joined by a space: how BEIR and MTEB present a document to a model."""
+        return f"{self.titles[i]} {self.texts[i]}".strip()
+
+
+def _resolve_builtin(spec: str) -> str:
+    """`builtin:stdlib-code/<part>`: the embedded demo domain, built on first use."""
+    name = spec.removeprefix("builtin:")
+    dataset, _, part = name.partition("/")
+    if dataset != "stdlib-code":
+        raise DataError(f"unknown built-in dataset '{spec}' (known: builtin:stdlib-code/train, builtin:stdlib-code/test)")
+    from embed.demo_corpus import default_build_dir, build_stdlib_code_search
+
+    out = default_build_dir()
+    build_stdlib_code_search(out)
+    return str(Path(out) / (part or "test"))
+
+
+def resolve_data_path(spec: str) -> str:
+    """A BEIR folder or file path, `builtin:...`, or an HF dataset id (returned unchanged)."""
+    if spec.startswith("builtin:"):
+        return _resolve_builtin(spec)
+    return spec
+
+
+def _str_field(path, line_no, obj, key, required: bool) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{path}:{line_no}: missing field '{key}'")
+        return ""
+    if isinstance(value, (int, float)) and key == "_id" and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{line_no}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _hf_split(spec: str, config: str):
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a core requirement
+        raise DataError(f"'{spec}' is not a local path and the datasets package is missing") from e
+    try:
+        ds = datasets.load_dataset(spec, config)
+    except Exception as e:  # the hub being unreachable is a user-environment problem
+        raise DataError(f"'{spec}' is neither a local BEIR folder nor a loadable HF dataset ({type(e).__name__}: {e})".splitlines()[0]) from None
+    return ds[next(iter(ds))]
+
+
+def load_corpus(spec: str) -> Corpus:
+    """Read a BEIR `corpus.jsonl` (folder or file), `builtin:...`, or an HF dataset id's `corpus` config."""
+    spec = resolve_data_path(spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+    if path.exists() or path.suffix == ".jsonl" or os.sep in spec or spec.startswith("."):
+        rows = ((ln, obj) for ln, obj in read_jsonl(path))
+        source = str(path)
+    else:
+        rows = enumerate(_hf_split(spec, "corpus"), start=1)
+        source = spec
+    ids, titles, texts, skipped, first_seen = [], [], [], Counter(), {}
+    for line_no, obj in rows:
+        doc_id = _str_field(source, line_no, obj, "_id", required=True)
+        title = _str_field(source, line_no, obj, "title", required=False)
+        text = _str_field(source, line_no, obj, "text", required=False)
+        if doc_id in first_seen:
+            raise DataError(f"{source}:{line_no}: field '_id': duplicate id '{doc_id}' (first on line {first_seen[doc_id]})")
+        first_seen[doc_id] = line_no
+        if not (title.strip() or text.strip()):
+            skipped["empty_text"] += 1
+            continue
+        ids.append(doc_id)
+        titles.append(title)
+        texts.append(text)
+    if not ids:
+        raise DataError(f"{source}: no documents")
+    return Corpus(ids, titles, texts, source=source, skipped=skipped)
+
+
+def load_queries(spec: str, skipped: Optional[Counter] = None) -> dict[str, str]:
+    """Read a BEIR `queries.jsonl` (folder or file); empty queries are skipped and counted."""
+    spec = resolve_data_path(spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "queries.jsonl"
+    queries: dict[str, str] = {}
+    first_seen: dict[str, int] = {}
+    for line_no, obj in read_jsonl(path):
+        qid = _str_field(path, line_no, obj, "_id", required=True)
+        text = _str_field(path, line_no, obj, "text", required=True)
+        if qid in first_seen:
+            raise DataError(f"{path}:{line_no}: field '_id': duplicate id '{qid}' (first on line {first_seen[qid]})")
+        first_seen[qid] = line_no
+        if not text.strip():
+            if skipped is not None:
+                skipped["empty_query"] += 1
+            continue
+        queries[qid] = text
+    return queries
+
+
+def load_qrels(spec: str, corpus_ids=None, query_ids=None, on_unknown: str = "error",
+               skipped: Optional[Counter] = None) -> dict[str, dict[str, int]]:
+    """Read `qrels/<split>.tsv` (query-id, corpus-id, score; header line).
+
+    Judgements naming a document or query that does not exist are an error by default
+    (evaluation must not silently score against a different collection), or with
+    on_unknown="skip" are dropped and counted in `skipped`.
+    """
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"{path}: qrels file not found")
+    corpus_ids = set(corpus_ids) if corpus_ids is not None else None
+    query_ids = set(query_ids) if query_ids is not None else None
+    qrels: dict[str, dict[str, int]] = {}
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line_no = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line_no}: not valid UTF-8") from None
+    for line_no, row in enumerate(csv.reader(lines, delimiter="\t"), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if line_no == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(row) < 3:
+            raise DataError(f"{path}:{line_no}: expected 3 tab-separated fields (query-id, corpus-id, score), got {len(row)}")
+        qid, did, score = row[0].strip(), row[1].strip(), row[2].strip()
+        try:
+            score_int = int(float(score))
+        except ValueError:
+            raise DataError(f"{path}:{line_no}: field 'score' must be a number, got {score!r}") from None
+        for known, value, name in ((corpus_ids, did, "corpus-id"), (query_ids, qid, "query-id")):
+            if known is not None and value not in known:
+                if on_unknown == "skip":
+                    if skipped is not None:
+                        skipped[f"qrels_unknown_{name.split('-')[0]}"] += 1
+                    break
+                raise DataError(f"{path}:{line_no}: field '{name}': unknown id '{value}'")
+        else:
+            qrels.setdefault(qid, {})[did] = score_int
+    if not qrels:
+        raise DataError(f"{path}: no judgements")
+    return qrels
+
+
+# ---------------------------------------------------------------- training-set schema
+@dataclass
+class TrainExample:
+    """One row of `train.jsonl`: a query, its positives and hard negatives, all with texts."""
+
+    query: str
+    pos_ids: list[str]
+    pos_texts: list[str]
+    neg_ids: list[str] = field(default_factory=list)
+    neg_texts: list[str] = field(default_factory=list)
+    query_id: Optional[str] = None
+    instruction: Optional[str] = None
+    pos_scores: Optional[list[float]] = None
+    neg_scores: Optional[list[float]] = None
+    source: Optional[str] = None
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+_LIST_FIELDS = ("pos_ids", "pos_texts", "neg_ids", "neg_texts")
+
+
+def parse_train_row(path, line_no: int, obj: dict) -> TrainExample:
+    known = set(TrainExample.__dataclass_fields__)
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise DataError(f"{path}:{line_no}: unknown field '{unknown[0]}'")
+    if not isinstance(obj.get("query"), str):
+        raise DataError(f"{path}:{line_no}: field 'query' must be a string")
+    for key in _LIST_FIELDS:
+        value = obj.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{path}:{line_no}: field '{key}' must be a list of strings")
+    if not obj.get("pos_ids"):
+        raise DataError(f"{path}:{line_no}: field 'pos_ids' must name at least one positive")
+    for ids, texts in (("pos_ids", "pos_texts"), ("neg_ids", "neg_texts")):
+        if len(obj.get(ids, [])) != len(obj.get(texts, [])):
+            raise DataError(f"{path}:{line_no}: field '{texts}' must have one text per id in '{ids}'")
+    for key, ids in (("pos_scores", "pos_ids"), ("neg_scores", "neg_ids")):
+        scores = obj.get(key)
+        if scores is not None and (not isinstance(scores, list) or len(scores) != len(obj.get(ids, []))):
+            raise DataError(f"{path}:{line_no}: field '{key}' must be a list with one score per id in '{ids}'")
+    return TrainExample(**{k: v for k, v in obj.items()})
+
+
+def read_train_set(path: str | os.PathLike, skipped: Optional[Counter] = None) -> list[TrainExample]:
+    """Validate and load `train.jsonl`; rows with an empty query are skipped and counted."""
+    examples = []
+    for line_no, obj in read_jsonl(path):
+        ex = parse_train_row(path, line_no, obj)
+        if not ex.query.strip() or not any(t.strip() for t in ex.pos_texts):
+            if skipped is not None:
+                skipped["empty_query_or_positive"] += 1
+            continue
+        examples.append(ex)
+    return examples
+
+
+def write_train_set(path: str | os.PathLike, examples: Iterable[TrainExample]) -> int:
+    return write_jsonl_atomic(path, (ex.to_row() for ex in examples))
+
+
+def pairs_from_beir(folder: str, split: str, skipped: Optional[Counter] = None) -> list[TrainExample]:
+    """Training examples straight from judged (query, positive) pairs: no negatives yet."""
+    folder = resolve_data_path(folder)
+    corpus = load_corpus(folder)
+    queries = load_queries(folder, skipped=skipped)
+    qrels = load_qrels(Path(folder) / "qrels" / f"{split}.tsv", corpus_ids=corpus.ids,
+                       on_unknown="skip", skipped=skipped)
+    examples = []
+    for qid, judged in qrels.items():
+        if qid not in queries:
+            if skipped is not None:
+                skipped["qrels_query_without_text"] += 1
+            continue
+        pos = [d for d, s in judged.items() if s > 0]
+        if not pos:
+            continue
+        examples.append(TrainExample(query=queries[qid], query_id=qid, pos_ids=pos,
+                                     pos_texts=[corpus.doc_text(corpus.index[d]) for d in pos],
+                                     source=f"{folder}:{split}"))
+    return examples

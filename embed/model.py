@@ -1,0 +1,297 @@
+"""The embedding model: a Hugging Face backbone + a pooling module + optional L2 normalisation.
+
+Saved in the sentence-transformers layout (modules.json, pooling folder, prompts in
+config_sentence_transformers.json), so `SentenceTransformer(path)` and `mteb.get_model(path)`
+reproduce `EmbeddingModel.encode` exactly, query instruction included. Tokenisation mirrors
+sentence-transformers (prompt prepended to the text; prompt length measured the same way)
+for the same reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+from embed.paths import resolve_model
+from embed.pooling import ST_MODE_TO_NAME, build_pooling, pooling_class
+
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+ST_POOLING = "sentence_transformers.models.Pooling"
+ST_NORMALIZE = "sentence_transformers.models.Normalize"
+BIDIRECTIONAL_TRANSFORMER = "embed.bidirectional.BidirectionalTransformer"
+EXTRA_CONFIG = "embed_config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model path or id cannot be loaded (a user mistake: printed as one line)."""
+
+
+@dataclasses.dataclass
+class EncoderSettings:
+    """How text becomes a vector, beyond the weights. Saved with the model."""
+
+    pooling: str = "mean"
+    normalize: bool = True
+    max_length: int = 256
+    query_max_length: int = 128
+    query_prompt: str = ""
+    document_prompt: str = ""
+    pool_prompt_tokens: bool = True
+    bidirectional: bool = False
+
+
+# ---------------------------------------------------------------- reading the ST layout
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _st_pooling_mode(config: dict) -> str:
+    if "pooling_mode" in config:
+        mode = config["pooling_mode"]
+        return mode if isinstance(mode, str) else mode[0]
+    for legacy, mode in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                         ("pooling_mode_lasttoken", "lasttoken")):
+        if config.get(legacy):
+            return mode
+    return "mean"
+
+
+def read_saved_settings(folder: Path) -> tuple[EncoderSettings, Optional[tuple[str, Path]]]:
+    """Settings stored with a sentence-transformers folder (or defaults for a plain HF folder).
+
+    Returns the settings and, for a custom pooling module, its (registry name, folder).
+    """
+    settings = EncoderSettings()
+    custom_pooling = None
+    modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
+    settings.normalize = any(m["type"].endswith("Normalize") for m in modules) if modules else True
+    for m in modules:
+        mdir = folder / m["path"]
+        if m["type"].endswith("models.Pooling"):
+            cfg = _read_json(mdir / "config.json")
+            mode = _st_pooling_mode(cfg)
+            if mode not in ST_MODE_TO_NAME:
+                raise ModelLoadError(f"{mdir}: pooling mode '{mode}' is not supported here")
+            settings.pooling = ST_MODE_TO_NAME[mode]
+            settings.pool_prompt_tokens = cfg.get("include_prompt", True)
+        elif m["type"].endswith("Transformer") and m["type"] != ST_TRANSFORMER:
+            settings.bidirectional = m["type"] == BIDIRECTIONAL_TRANSFORMER
+        elif not m["type"].startswith("sentence_transformers."):
+            custom_pooling = (m["type"], mdir)
+    st_cfg = _read_json(folder / "sentence_bert_config.json")
+    settings.max_length = st_cfg.get("max_seq_length") or settings.max_length
+    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts", {})
+    settings.query_prompt = prompts.get("query", "")
+    settings.document_prompt = prompts.get("document", "")
+    extra = _read_json(folder / EXTRA_CONFIG)
+    for key, value in extra.get("settings", {}).items():
+        if hasattr(settings, key):
+            setattr(settings, key, value)
+    return settings, custom_pooling
+
+
+def _import_class(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------- the model
+class EmbeddingModel(nn.Module):
+    def __init__(self, backbone: nn.Module, tokenizer, pooling: nn.Module, settings: EncoderSettings):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.settings = settings
+        self._prompt_lengths: dict[str, int] = {}
+
+    # convenience views of the settings
+    query_prompt = property(lambda self: self.settings.query_prompt)
+    document_prompt = property(lambda self: self.settings.document_prompt)
+    normalize = property(lambda self: self.settings.normalize)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, attn_implementation: str = "sdpa", dtype: str = "float32",
+                        trust_remote_code: bool = False, latent_attention: Optional[dict] = None,
+                        **overrides: Any) -> "EmbeddingModel":
+        """Load a base or trained model; keyword overrides (None = keep saved) win over saved settings."""
+        path = resolve_model(name_or_path)
+        folder = Path(path)
+        if folder.is_dir():
+            settings, custom_pooling = read_saved_settings(folder)
+        elif path.startswith((".", "/", "~")) or path.endswith(("/", ".json", ".safetensors")):
+            raise ModelLoadError(f"model path '{name_or_path}' does not exist")
+        else:
+            settings, custom_pooling = EncoderSettings(), None
+        for key, value in overrides.items():
+            if not hasattr(settings, key):
+                raise TypeError(f"unknown model setting '{key}'")
+            if value is not None:
+                setattr(settings, key, value)
+        kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            backbone = AutoModel.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"cannot load model '{name_or_path}': {first_line}") from None
+        if tokenizer.pad_token is None:  # decoder LLMs ship without one
+            tokenizer.pad_token = tokenizer.eos_token
+        if settings.bidirectional:
+            from embed.bidirectional import make_bidirectional
+
+            make_bidirectional(backbone)
+        hidden = backbone.config.hidden_size
+        if custom_pooling and (overrides.get("pooling") in (None, _registry_name(custom_pooling[0]))):
+            pooling = _import_class(custom_pooling[0]).load(str(custom_pooling[1]))
+            settings.pooling = _registry_name(custom_pooling[0])
+        else:
+            pooling = build_pooling(settings.pooling, hidden, **(latent_attention or {}))
+        pooling.to(DTYPES[dtype])
+        return cls(backbone, tokenizer, pooling, settings)
+
+    # ------------------------------------------------------------ tokenisation
+    def _prompt_length(self, prompt: str) -> int:
+        """Tokens of the prompt, minus a trailing special token: sentence-transformers' rule."""
+        if prompt not in self._prompt_lengths:
+            ids = self.tokenizer(prompt)["input_ids"]
+            n = len(ids)
+            if ids and ids[-1] in set(self.tokenizer.all_special_ids):
+                n -= 1
+            self._prompt_lengths[prompt] = n
+        return self._prompt_lengths[prompt]
+
+    def tokenize(self, texts: list[str], kind: str = "document", max_length: Optional[int] = None,
+                 prompt: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """Tokenise with the kind's prompt prepended; adds `pooling_mask` (prompt tokens zeroed if excluded)."""
+        if kind not in ("query", "document"):
+            raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
+        if prompt is None:
+            prompt = self.settings.query_prompt if kind == "query" else self.settings.document_prompt
+        if max_length is None:
+            max_length = self.settings.query_max_length if kind == "query" else self.settings.max_length
+        features = self.tokenizer([prompt + t for t in texts], padding=True, truncation=True,
+                                  max_length=max_length, return_tensors="pt")
+        attention_mask = features["attention_mask"]
+        pooling_mask = attention_mask.clone()
+        if prompt and not self.settings.pool_prompt_tokens:
+            n = self._prompt_length(prompt)
+            starts = attention_mask.to(torch.int32).argmax(dim=1)                 # [B] first real token
+            positions = torch.arange(attention_mask.size(1)).unsqueeze(0)         # [1, T]
+            pooling_mask[positions < (starts + n).unsqueeze(1)] = 0
+        features["pooling_mask"] = pooling_mask
+        return dict(features)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings [B, D] for tokenised features; differentiable."""
+        inputs = {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in features}
+        token_embeddings = self.backbone(**inputs).last_hidden_state              # [B, T, H]
+        pooling_mask = features.get("pooling_mask", features["attention_mask"])
+        embeddings = self.pooling(token_embeddings, features["attention_mask"], pooling_mask)  # [B, H]
+        if self.settings.normalize:
+            embeddings = nn.functional.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
+        return embeddings
+
+    @torch.inference_mode()
+    def encode(self, texts: Iterable[str], kind: str = "document", batch_size: int = 64,
+               show_progress: bool = False, max_length: Optional[int] = None) -> np.ndarray:
+        """float32 embeddings [N, D] in input order; batches sorted by length to minimise padding."""
+        texts = list(texts)
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), self._output_dim()), dtype=np.float32)
+        batches = range(0, len(texts), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"encode {kind}s", unit="batch")
+        device = self.device
+        for start in batches:
+            idx = order[start:start + batch_size]
+            features = self.tokenize([texts[i] for i in idx], kind=kind, max_length=max_length)
+            features = {k: v.to(device) for k, v in features.items()}
+            out[idx] = self(features).float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+    def _output_dim(self) -> int:
+        return getattr(self.pooling, "output_dim", self.hidden_size)
+
+    # ------------------------------------------------------------ saving
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the sentence-transformers layout (weights as safetensors)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        s = self.settings
+        transformer_type = BIDIRECTIONAL_TRANSFORMER if s.bidirectional else ST_TRANSFORMER
+        modules = [{"idx": 0, "name": "0", "path": "", "type": transformer_type}]
+        if getattr(type(self.pooling), "st_mode", None):
+            pool_dir = "1_Pooling"
+            (path / pool_dir).mkdir(exist_ok=True)
+            (path / pool_dir / "config.json").write_text(json.dumps({
+                "embedding_dimension": self.hidden_size, "pooling_mode": type(self.pooling).st_mode,
+                "include_prompt": s.pool_prompt_tokens}, indent=2))
+            modules.append({"idx": 1, "name": "1", "path": pool_dir, "type": ST_POOLING})
+        else:
+            pool_dir = "1_" + type(self.pooling).__name__
+            self.pooling.save(str(path / pool_dir))
+            cls = type(self.pooling)
+            modules.append({"idx": 1, "name": "1", "path": pool_dir, "type": f"{cls.__module__}.{cls.__name__}"})
+        if s.normalize:
+            (path / "2_Normalize").mkdir(exist_ok=True)
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": ST_NORMALIZE})
+        (path / "modules.json").write_text(json.dumps(modules, indent=2))
+        (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": s.max_length, "do_lower_case": False}, indent=2))
+        prompts = {"query": s.query_prompt, "document": s.document_prompt}
+        (path / "config_sentence_transformers.json").write_text(json.dumps({
+            "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine" if s.normalize else "dot",
+            "model_type": "SentenceTransformer"}, indent=2))
+        (path / EXTRA_CONFIG).write_text(json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
+
+
+def _registry_name(dotted_class: str) -> str:
+    from embed.pooling import POOLING_REGISTRY
+
+    for name, entry in POOLING_REGISTRY.items():
+        target = entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__name__}"
+        if target.replace(":", ".") == dotted_class:
+            return name
+    raise ModelLoadError(f"pooling module '{dotted_class}' is not in embed.pooling's registry")
+
+
+def load_from_config(model_cfg, name_or_path: Optional[str] = None) -> EmbeddingModel:
+    """Load `name_or_path` (default: the recipe's base model) with the recipe's model settings."""
+    la = model_cfg.latent_attention
+    return EmbeddingModel.from_pretrained(
+        name_or_path or model_cfg.name_or_path,
+        attn_implementation=model_cfg.attn_implementation, dtype=model_cfg.dtype,
+        trust_remote_code=model_cfg.trust_remote_code,
+        latent_attention={"num_latents": la.num_latents, "num_heads": la.num_heads, "head_dim": la.head_dim},
+        pooling=model_cfg.pooling, normalize=model_cfg.normalize, max_length=model_cfg.max_length,
+        query_max_length=model_cfg.query_max_length, query_prompt=model_cfg.query_prompt,
+        document_prompt=model_cfg.document_prompt, pool_prompt_tokens=model_cfg.pool_prompt_tokens,
+        bidirectional=model_cfg.bidirectional or None)

@@ -1,0 +1,159 @@
+"""The recipe schema: one dataclass per section, one field per key, each with a default and a help.
+
+`python scripts/<any>.py --help` prints this schema. Stage scripts read only their own section
+plus `model` and `data`, but every script accepts the whole recipe so one file drives the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from embed.config import ConfigError
+
+
+def opt(default: Any, help: str = ""):
+    """A recipe key: its default (lists/dicts copied per instance) and its --help text."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: dataclasses.replace(value) if dataclasses.is_dataclass(value)
+                     else type(value)(value), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ---------------------------------------------------------------- model
+@dataclass
+class LatentAttentionConfig:
+    num_latents: int = opt(512, "latent array rows (keys/values of the pooling attention)")
+    num_heads: int = opt(8, "attention heads of the latent-attention pooling")
+    head_dim: int = opt(64, "width of each head; keep small on 1B backbones")
+    learning_rate: Optional[float] = opt(None, "own learning rate for the freshly initialised head (default: stage lr x 10)")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(False, "train LoRA adapters instead of all backbone weights (peft)")
+    r: int = opt(16, "LoRA rank")
+    alpha: int = opt(32, "LoRA alpha")
+    dropout: float = opt(0.1, "LoRA dropout")
+    target: str = opt("attention+mlp", "which projections get adapters: attention | attention+mlp")
+    load_in_4bit: bool = opt(False, "QLoRA: 4-bit base weights via bitsandbytes (CUDA only)")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("minilm", "base model: alias 'minilm', a local folder or a hub id (hub only if reachable)")
+    pooling: Optional[Literal["mean", "cls", "last", "latent_attention"]] = opt(None, "pooling registry entry (null = the base model's own)")
+    normalize: bool = opt(True, "L2-normalise embeddings (cosine similarity)")
+    max_length: Optional[int] = opt(None, "document token limit (null = the base model's max_seq_length, else 256)")
+    query_max_length: int = opt(128, "query token limit")
+    query_prompt: Optional[str] = opt(None, "instruction prefix for queries, saved as the sentence-transformers 'query' prompt (null = the base model's)")
+    document_prompt: Optional[str] = opt(None, "prefix for documents, e.g. 'passage: ' (null = the base model's)")
+    pool_prompt_tokens: Optional[bool] = opt(None, "false: drop instruction tokens from the pooling mask, as NV-Embed (null = the base model's)")
+    bidirectional: bool = opt(False, "make a decoder LLM attend bidirectionally (embed.bidirectional)")
+    attn_implementation: str = opt("sdpa", "sdpa | eager | flash_attention_2")
+    trust_remote_code: bool = opt(False, "run code shipped with a hub model; off unless the recipe says so")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weight dtype at load (keep float32 for fp16 autocast)")
+    latent_attention: LatentAttentionConfig = opt(LatentAttentionConfig(), "latent-attention pooling sizes")
+    lora: LoraConfig = opt(LoraConfig(), "parameter-efficient fine-tuning")
+    matryoshka_dims: list[int] = opt([], "train and evaluate at these truncated dimensions too")
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    corpus: str = opt("", "documents to generate queries for and mine negatives from: BEIR folder or HF dataset id")
+    eval: list[str] = opt([], "evaluation targets: BEIR folders and/or MTEB task or benchmark names")
+    eval_split: str = opt("test", "qrels split of the BEIR folders in data.eval")
+    dev: str = opt("", "BEIR folder for periodic evaluation during training ('' = none)")
+    dev_split: str = opt("dev", "qrels split of data.dev")
+
+
+# ---------------------------------------------------------------- generation
+@dataclass
+class GenConfig:
+    backend: Literal["transformers", "vllm", "openai"] = opt("transformers", "LLM backend")
+    model: str = opt("smollm2", "generator: 'smollm2' (bundled GGUF), a local folder or a hub id")
+    max_docs: int = opt(0, "generate for at most this many documents (0 = all)")
+    queries_per_doc: int = opt(1, "samples drawn per document")
+    batch_size: int = opt(16, "prompts per generate call")
+    max_new_tokens: int = opt(64, "generation budget per answer")
+    temperature: float = opt(0.7, "sampling temperature")
+
+
+# ---------------------------------------------------------------- mining
+@dataclass
+class MineConfig:
+    teacher: str = opt("", "embedding model that scores candidates ('' = model.name_or_path)")
+    num_negatives: int = opt(4, "hard negatives kept per query")
+    relative_margin: float = opt(0.05, "drop candidates scoring above (1 - margin) x the positive's score")
+    absolute_margin: float = opt(0.0, "drop candidates scoring above positive - margin (0 = off)")
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class StageConfig:
+    name: str = opt("stage1", "stage name (logs, checkpoints)")
+    data: list[str] = opt(["{run_dir}/train.jsonl"], "train.jsonl files or BEIR folders (pairs from qrels/<split>.tsv); {run_dir} is expanded")
+    split: str = opt("train", "qrels split when a data entry is a BEIR folder")
+    epochs: float = opt(1.0, "passes over the stage's data")
+    max_steps: int = opt(0, "stop the stage after this many optimizer steps (0 = epochs decide)")
+    learning_rate: float = opt(2.0e-05, "peak learning rate")
+    num_negatives: int = opt(1, "hard negatives per query in each batch (rows with fewer are skipped and counted)")
+    in_batch_negatives: bool = opt(True, "false = NV-Embed stage 2: each query sees only its own documents")
+    instruction: Optional[str] = opt(None, "query instruction for this stage (default: model.query_prompt)")
+
+
+@dataclass
+class TrainConfig:
+    stages: list[StageConfig] = opt([StageConfig()], "training stages, run in order")
+    per_device_batch_size: int = opt(32, "queries per process per step; global batch = this x processes")
+    temperature: float = opt(0.05, "InfoNCE temperature (0.05 = sentence-transformers' scale 20)")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "auto: bf16 on sm_80+, fp16 below, fp32 on CPU")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    warmup_ratio: float = opt(0.1, "fraction of a stage's steps spent warming up")
+    scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "decay after warmup")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
+    gradcache_chunk_size: int = opt(0, "GradCache chunk (0 = off): big contrastive batches on small GPUs")
+    max_steps: int = opt(0, "cap on total optimizer steps over all stages (0 = none); for smoke runs")
+    save_steps: int = opt(200, "checkpoint every N steps (and at each stage end)")
+    save_total_limit: int = opt(2, "checkpoints kept")
+    eval_steps: int = opt(0, "evaluate on data.dev every N steps (0 = only at the end)")
+    logging_steps: int = opt(10, "log every N steps")
+    report_to: list[str] = opt(["tensorboard"], "trackers: tensorboard, wandb")
+    dataloader_workers: int = opt(0, "tokenisation workers")
+
+
+# ---------------------------------------------------------------- evaluation
+@dataclass
+class EvalConfig:
+    batch_size: int = opt(64, "encoding batch size")
+    base_model: str = opt("", "baseline to compare against ('' = model.name_or_path)")
+
+
+# ---------------------------------------------------------------- the recipe
+@dataclass
+class Recipe:
+    run_dir: str = opt("runs/default", "everything of the run is written here")
+    seed: int = opt(42, "seed for sampling, shuffling and initialisation")
+    model: ModelConfig = opt(ModelConfig(), "the embedding model")
+    data: DataConfig = opt(DataConfig(), "corpus and evaluation data")
+    gen: GenConfig = opt(GenConfig(), "synthetic query generation (gen_vllm.py)")
+    mine: MineConfig = opt(MineConfig(), "hard-negative mining (mine_faiss.py)")
+    train: TrainConfig = opt(TrainConfig(), "contrastive training (train.py)")
+    eval: EvalConfig = opt(EvalConfig(), "evaluation (eval_mteb.py)")
+
+    def validate(self) -> None:
+        """Cross-key checks that single-key types cannot express."""
+        if not self.train.stages:
+            raise ConfigError("key 'train.stages' must list at least one stage")
+        for i, stage in enumerate(self.train.stages):
+            if stage.num_negatives < 0:
+                raise ConfigError(f"key 'train.stages.{i}.num_negatives' must be >= 0")
+            if not stage.data:
+                raise ConfigError(f"key 'train.stages.{i}.data' must name at least one file or folder")
+        if self.train.per_device_batch_size < 1:
+            raise ConfigError("key 'train.per_device_batch_size' must be >= 1")
+        if self.train.temperature <= 0:
+            raise ConfigError("key 'train.temperature' must be > 0")
