@@ -22,6 +22,8 @@ import logging
 
 from torch import nn
 
+from embed.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Architectures whose modeling code builds its mask with masking_utils.create_causal_mask /
@@ -34,18 +36,18 @@ def make_bidirectional(model: nn.Module) -> int:
     """Switch `model` (a base model, a *ForCausalLM or a peft wrapper of one) to bidirectional attention.
 
     Returns the number of attention modules patched. Idempotent: patching again changes nothing.
-    Raises ValueError for an architecture outside SUPPORTED_MODEL_TYPES.
+    Raises ConfigError (a ValueError) for an architecture outside SUPPORTED_MODEL_TYPES.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"make_bidirectional: architecture '{model_type}' ({type(model).__name__}) is not supported; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     attention_modules = [m for m in model.modules() if "is_causal" in vars(m)]
     if not attention_modules:
-        raise ValueError(
+        raise RuntimeError(
             f"make_bidirectional: found no attention module with an `is_causal` flag in {type(model).__name__}; "
             "this transformers version builds attention differently"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,20 +44,27 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             yield line_no, obj
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
+def _atomic_writer(path: Path):
+    """A uniquely named temp file beside `path` (two writers never share one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return os.fdopen(fd, "w", encoding="utf-8"), tmp
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON via temp file + fsync + rename: readers see the old or the new file, never half."""
+    f, tmp = _atomic_writer(Path(path))
+    with f:
+        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    f, tmp = _atomic_writer(Path(path))
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1

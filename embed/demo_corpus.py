@@ -33,6 +33,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from embed.cli import run_main
+from embed.config import ConfigError
+from embed.data import DataError
+
 # Bump when the extraction rules change, so an old build on disk is not reused.
 BUILDER_VERSION = 1
 
@@ -41,6 +45,8 @@ EXCLUDED_DIRS = {
     "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "site-packages",
     "lib-dynload", "__pycache__",
 }
+OUTPUT_FILES = ("train/corpus.jsonl", "test/corpus.jsonl", "test/queries.jsonl", "test/qrels/test.tsv")
+SUMMARY_FILE = "build_summary.json"
 MIN_CODE_LINES = 3        # CodeSearchNet drops functions shorter than three lines
 MIN_QUERY_WORDS = 4       # shorter first lines ("Return self.") describe nothing searchable
 MAX_QUERY_CHARS = 300
@@ -61,7 +67,6 @@ class BuildParams:
 @dataclass
 class CodeDoc:
     doc_id: str
-    module: str
     code: str
     query: str | None       # first docstring sentence when it makes a usable query
 
@@ -71,6 +76,14 @@ class CodeDoc:
 # ---------------------------------------------------------------------------------------------
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_build_dir() -> str:
+    """Where `builtin:stdlib-code` is built: $EMBED_DEMO_DIR, else a per-interpreter user cache."""
+    if os.environ.get("EMBED_DEMO_DIR"):
+        return os.environ["EMBED_DEMO_DIR"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "mteb-domain-embeddings", f"stdlib-code-{sys.implementation.cache_tag}")
 
 
 def iter_stdlib_modules(root: Path):
@@ -89,7 +102,7 @@ def iter_stdlib_modules(root: Path):
             if stem != "__init__" and stem.startswith("_"):
                 continue
             parts = list(here.relative_to(root).parts) + ([] if stem == "__init__" else [stem])
-            yield ".".join(parts), here / name
+            yield ".".join(parts) or root.name, here / name   # a package root's own __init__
 
 
 def is_heldout(module: str, fraction: float, seed: int) -> bool:
@@ -102,18 +115,17 @@ def is_heldout(module: str, fraction: float, seed: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Turning a module into documents
 # ---------------------------------------------------------------------------------------------
-def _docstring_node(body: list[ast.stmt]) -> ast.Expr | None:
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-            and isinstance(body[0].value.value, str):
-        return body[0]
-    return None
+def _has_docstring(body: list[ast.stmt]) -> bool:
+    first = body[0] if body else None
+    return isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+        and isinstance(first.value.value, str)
 
 
 def strip_docstrings(node: ast.AST) -> None:
     """Remove every docstring in the subtree in place (nested functions and classes included)."""
     for sub in ast.walk(node):
         if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            if _docstring_node(sub.body) is not None:
+            if _has_docstring(sub.body):
                 sub.body = sub.body[1:] or [ast.Pass()]
 
 
@@ -191,7 +203,7 @@ def module_documents(module: str, tree: ast.Module, max_chars: int, stats: Count
                 stats[f"query_rejected_{reason}"] += 1
             else:
                 query = sentence
-        docs.append(CodeDoc(qualname, module, code, query))
+        docs.append(CodeDoc(qualname, code, query))
     return docs
 
 
@@ -199,7 +211,8 @@ def module_documents(module: str, tree: ast.Module, max_chars: int, stats: Count
 # Writing BEIR files
 # ---------------------------------------------------------------------------------------------
 def write_text_atomic(path: Path, text: str) -> None:
-    """tmp file in the same folder + os.replace: a crash never leaves a half file that looks whole."""
+    """Unique tmp file in the same folder + os.replace: a crash never leaves a half file that looks
+    whole, and ranks that build `builtin:stdlib-code` at the same first use never share a tmp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -226,18 +239,98 @@ def _corpus_rows(docs: list[CodeDoc]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The build
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class Extraction:
+    train_docs: list[CodeDoc]
+    test_docs: list[CodeDoc]
+    modules_train: int
+    modules_heldout: int
+    parse_failures: list[str]
+    stats: Counter
+
+
+def extract(root: Path, params: BuildParams) -> Extraction:
+    """Documents of every module, split by module, with identical code kept once library-wide.
+
+    Dropping duplicates across the split too means no test document has a twin in training.
+    """
+    stats = Counter(duplicates_skipped=0, docs_too_short=0, docs_truncated=0)
+    parse_failures: list[str] = []
+    modules = Counter()
+    train_docs, test_docs = [], []
+    seen_code, seen_ids = set(), Counter()
+    for module, path in iter_stdlib_modules(root):
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError) as exc:   # ValueError covers undecodable bytes
+            parse_failures.append(f"{path.relative_to(root)}: {type(exc).__name__}")
+            continue
+        heldout = is_heldout(module, params.heldout_fraction, params.seed)
+        modules[heldout] += 1
+        for doc in module_documents(module, tree, params.max_doc_chars, stats):
+            if doc.code in seen_code:
+                stats["duplicates_skipped"] += 1
+                continue
+            seen_code.add(doc.code)
+            seen_ids[doc.doc_id] += 1
+            if seen_ids[doc.doc_id] > 1:            # same name redefined (property setters, if/else)
+                doc.doc_id = f"{doc.doc_id}#{seen_ids[doc.doc_id]}"
+            (test_docs if heldout else train_docs).append(doc)
+    return Extraction(train_docs, test_docs, modules[False], modules[True], parse_failures, stats)
+
+
+def select_test(test_docs: list[CodeDoc], params: BuildParams):
+    """(corpus, queries, qrels lines, queries available, distractors) of the held-out side.
+
+    Queries with identical text (one first line on several overrides) become one query judging
+    all their documents relevant. The corpus is the chosen queries' documents plus a seeded
+    sample of other held-out documents as distractors, up to max_test_docs.
+    """
+    rng = random.Random(f"{params.seed}:test")
+    groups: dict[str, list[CodeDoc]] = {}
+    for doc in test_docs:
+        if doc.query is not None:
+            groups.setdefault(doc.query, []).append(doc)
+    chosen = set(_capped_sample(sorted(groups), params.max_test_queries, rng))
+    positives = {d.doc_id for text in chosen for d in groups[text]}
+    pool = [d for d in test_docs if d.doc_id not in positives]
+    room = None if params.max_test_docs is None else max(0, params.max_test_docs - len(positives))
+    distractors = {d.doc_id for d in _capped_sample(pool, room, rng)}
+    corpus = [d for d in test_docs if d.doc_id in positives or d.doc_id in distractors]
+    queries, qrels = [], []
+    for text in sorted(chosen, key=lambda t: groups[t][0].doc_id):
+        qid = f"q:{groups[text][0].doc_id}"
+        queries.append({"_id": qid, "text": text})
+        qrels.extend(f"{qid}\t{d.doc_id}\t1\n" for d in groups[text])
+    return corpus, queries, qrels, len(groups), len(distractors)
+
+
+def select_train(train_docs: list[CodeDoc], params: BuildParams) -> list[CodeDoc]:
+    """Documented functions first (seeded order), then the rest, up to max_train_docs.
+
+    Generation should see the kind of function the test queries describe: public, documented.
+    """
+    order = list(range(len(train_docs)))
+    random.Random(f"{params.seed}:train").shuffle(order)
+    order.sort(key=lambda i: train_docs[i].query is None)
+    keep = set(order[: params.max_train_docs])
+    return [d for i, d in enumerate(train_docs) if i in keep]
+
+
 def _capped_sample(items: list, cap: int | None, rng: random.Random) -> list:
     if cap is None or len(items) <= cap:
         return list(items)
     return rng.sample(items, cap)
 
 
-def _summary_matches(path: Path, params: dict) -> dict | None:
+def _existing_build(out: Path, params: dict) -> dict | None:
+    """The summary of a complete earlier build with the same parameters and interpreter, if any."""
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if summary.get("params") == params and summary.get("python_version") == sys.version:
+    complete = all((out / name).is_file() for name in OUTPUT_FILES)
+    if complete and summary.get("params") == params and summary.get("python_version") == sys.version:
         return summary
     return None
 
@@ -251,101 +344,61 @@ def build_stdlib_code_search(
     max_test_docs: int | None = 2000,
     max_doc_chars: int = 2000,
     seed: int = 0,
+    source_root: str | os.PathLike | None = None,
 ) -> dict:
     """Write out_dir/train and out_dir/test (BEIR) and out_dir/build_summary.json; return the summary.
 
     max_train_docs caps the generation/mining corpus; max_test_queries caps the test queries;
     max_test_docs caps the test corpus (the queries' documents plus held-out distractors).
-    None means no cap. A summary on disk with the same parameters and interpreter is returned as is.
+    None means no cap. source_root swaps the interpreter's stdlib for another Python source tree.
+    A summary on disk with the same parameters and interpreter is returned as is.
     """
     out = Path(out_dir)
+    root = Path(source_root) if source_root is not None else stdlib_dir()
     params = BuildParams(heldout_fraction, max_train_docs, max_test_queries, max_test_docs,
                          max_doc_chars, seed)
     if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    params_dict = {"builder_version": BUILDER_VERSION, **asdict(params)}
-    summary_path = out / "build_summary.json"
-    if (existing := _summary_matches(summary_path, params_dict)) is not None:
+        raise ConfigError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    for name in ("max_train_docs", "max_test_queries", "max_test_docs", "max_doc_chars"):
+        value = getattr(params, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be a positive integer or None, got {value}")
+    if not root.is_dir():
+        raise DataError(f"{root}: source_root is not a directory")
+    params_dict = {"builder_version": BUILDER_VERSION, **asdict(params), "source_root": str(root)}
+    if (existing := _existing_build(out, params_dict)) is not None:
         return existing
 
-    # ---- extract documents from every module, deduplicating code across the whole library ----
-    stats: Counter = Counter()
-    parse_failures: list[str] = []
-    root = stdlib_dir()
-    heldout_modules, train_modules = set(), set()
-    train_docs, test_docs = [], []
-    seen_code, seen_ids = set(), Counter()
-    for module, path in iter_stdlib_modules(root):
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError) as exc:   # ValueError covers undecodable bytes
-            parse_failures.append(f"{path.relative_to(root)}: {type(exc).__name__}")
-            continue
-        heldout = is_heldout(module, heldout_fraction, seed)
-        (heldout_modules if heldout else train_modules).add(module)
-        for doc in module_documents(module, tree, max_doc_chars, stats):
-            if doc.code in seen_code:
-                stats["duplicates_skipped"] += 1
-                continue
-            seen_code.add(doc.code)
-            seen_ids[doc.doc_id] += 1
-            if seen_ids[doc.doc_id] > 1:            # same name redefined (property setters, if/else)
-                doc.doc_id = f"{doc.doc_id}#{seen_ids[doc.doc_id]}"
-            (test_docs if heldout else train_docs).append(doc)
+    found = extract(root, params)
+    test_corpus, queries, qrels, queries_available, distractors = select_test(found.test_docs, params)
+    train_corpus = select_train(found.train_docs, params)
 
-    # ---- test split: queries grouped by text (identical first lines share their documents) ----
-    rng = random.Random(seed)
-    groups: dict[str, list[CodeDoc]] = {}
-    for doc in test_docs:
-        if doc.query is not None:
-            groups.setdefault(doc.query, []).append(doc)
-    chosen_texts = set(_capped_sample(sorted(groups), max_test_queries, rng))
-    positives = {d.doc_id for text in chosen_texts for d in groups[text]}
-    distractor_pool = [d for d in test_docs if d.doc_id not in positives]
-    room = None if max_test_docs is None else max(0, max_test_docs - len(positives))
-    distractors = {d.doc_id for d in _capped_sample(distractor_pool, room, rng)}
-    test_corpus = [d for d in test_docs if d.doc_id in positives or d.doc_id in distractors]
-    queries, qrels = [], []
-    for text in sorted(chosen_texts, key=lambda t: groups[t][0].doc_id):
-        qid = f"q:{groups[text][0].doc_id}"
-        queries.append({"_id": qid, "text": text})
-        qrels.extend(f"{qid}\t{d.doc_id}\t1\n" for d in groups[text])
-
-    # ---- train split: generation should see the kind of function the test queries describe ----
-    # Documented functions first (in seeded random order), then the rest, up to the cap.
-    order = list(range(len(train_docs)))
-    rng.shuffle(order)
-    order.sort(key=lambda i: train_docs[i].query is None)
-    keep = set(order if max_train_docs is None else order[:max_train_docs])
-    train_corpus = [d for i, d in enumerate(train_docs) if i in keep]
-
-    # ---- write files; the summary goes last and marks the build complete ----
-    write_text_atomic(out / "train" / "corpus.jsonl", _jsonl(_corpus_rows(train_corpus)))
-    write_text_atomic(out / "test" / "corpus.jsonl", _jsonl(_corpus_rows(test_corpus)))
-    write_text_atomic(out / "test" / "queries.jsonl", _jsonl(queries))
-    write_text_atomic(out / "test" / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\n" + "".join(qrels))
+    # The summary goes last: its presence marks the build complete.
+    train_corpus_file, test_corpus_file, test_queries_file, test_qrels_file = OUTPUT_FILES
+    write_text_atomic(out / train_corpus_file, _jsonl(_corpus_rows(train_corpus)))
+    write_text_atomic(out / test_corpus_file, _jsonl(_corpus_rows(test_corpus)))
+    write_text_atomic(out / test_queries_file, _jsonl(queries))
+    write_text_atomic(out / test_qrels_file, "query-id\tcorpus-id\tscore\n" + "".join(qrels))
     summary = {
         "params": params_dict,
         "python_version": sys.version,
-        "stdlib": str(root),
-        "modules_seen": len(heldout_modules) + len(train_modules) + len(parse_failures),
-        "modules_heldout": len(heldout_modules),
-        "modules_train": len(train_modules),
-        "parse_failures": len(parse_failures),
-        "parse_failure_files": parse_failures,
-        "docs_extracted": len(train_docs) + len(test_docs),
-        **{k: stats[k] for k in sorted(stats)},
-        "duplicates_skipped": stats["duplicates_skipped"],
-        "train_docs_available": len(train_docs),
+        "modules_seen": found.modules_train + found.modules_heldout + len(found.parse_failures),
+        "modules_heldout": found.modules_heldout,
+        "modules_train": found.modules_train,
+        "parse_failures": len(found.parse_failures),
+        "parse_failure_files": found.parse_failures,
+        "docs_extracted": len(found.train_docs) + len(found.test_docs),
+        **dict(sorted(found.stats.items())),
+        "train_docs_available": len(found.train_docs),
         "train_docs": len(train_corpus),
-        "test_docs_available": len(test_docs),
-        "test_queries_available": len(groups),
+        "test_docs_available": len(found.test_docs),
+        "test_queries_available": queries_available,
         "test_queries": len(queries),
         "test_docs": len(test_corpus),
-        "test_distractors": len(distractors),
+        "test_distractors": distractors,
         "qrels": len(qrels),
     }
-    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -365,10 +418,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="test corpus size: the queries' documents plus distractors")
     parser.add_argument("--max_doc_chars", type=int, default=defaults.max_doc_chars)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--source_root", default=None,
+                        help="Python source tree to index instead of this interpreter's stdlib")
     args = vars(parser.parse_args(argv))
     summary = build_stdlib_code_search(args.pop("out_dir"), **args)
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

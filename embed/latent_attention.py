@@ -81,7 +81,7 @@ class LatentAttentionPooling(nn.Module):
         summed = (states.to(torch.float32) * weights).sum(dim=1)
         return (summed / weights.sum(dim=1).clamp(min=1e-9)).to(states.dtype)
 
-    def save_pretrained(self, path: str) -> None:
+    def save(self, path: str) -> None:
         """`config.json` + `model.safetensors` in `path`."""
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -90,7 +90,7 @@ class LatentAttentionPooling(nn.Module):
                   os.path.join(path, WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "LatentAttentionPooling":
+    def load(cls, path: str) -> "LatentAttentionPooling":
         with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
             head = cls(**json.load(f))
         head.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)), strict=True)
@@ -133,7 +133,7 @@ class LatentAttentionST(Module):
         return self.head.hidden_size
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        self.head.save_pretrained(output_path)
+        self.head.save(output_path)
         self.save_config(output_path)
 
     @classmethod
@@ -143,7 +143,7 @@ class LatentAttentionST(Module):
         hub_kwargs = {"subfolder": subfolder, "token": token, "cache_folder": cache_folder,
                       "revision": revision, "local_files_only": local_files_only}
         folder = cls.load_dir_path(model_name_or_path, **hub_kwargs)
-        return cls(LatentAttentionPooling.from_pretrained(folder), **cls.load_config(model_name_or_path, **hub_kwargs))
+        return cls(LatentAttentionPooling.load(folder), **cls.load_config(model_name_or_path, **hub_kwargs))
 
 
 def _padded_inputs(features: dict[str, Any]) -> tuple[Tensor, Tensor]:

@@ -84,10 +84,23 @@ class GenConfig:
 # ---------------------------------------------------------------- mining
 @dataclass
 class MineConfig:
-    teacher: str = opt("", "embedding model that scores candidates ('' = model.name_or_path)")
+    teacher: str = opt("", "embedding model that scores candidates ('' = model.name_or_path with the recipe's model settings)")
+    qrels: str = opt("", "mine judged pairs instead of run_dir/queries.jsonl: a qrels TSV, or a split of data.corpus ('train' = <data.corpus>/qrels/train.tsv)")
+    queries: str = opt("", "query texts for mine.qrels: BEIR queries.jsonl or folder ('' = the BEIR folder holding the qrels)")
     num_negatives: int = opt(4, "hard negatives kept per query")
-    relative_margin: float = opt(0.05, "drop candidates scoring above (1 - margin) x the positive's score")
-    absolute_margin: float = opt(0.0, "drop candidates scoring above positive - margin (0 = off)")
+    relative_margin: Optional[float] = opt(0.05, "TopK-PercPos: drop candidates the teacher scores above positive - |positive| x margin (null = off)")
+    absolute_margin: Optional[float] = opt(None, "TopK-MarginPos: drop candidates scoring above positive - margin (null = off)")
+    retrievers: list[Literal["dense", "bm25"]] = opt(["dense", "bm25"], "candidate sources, fused by reciprocal rank")
+    depth: int = opt(100, "candidates retrieved per retriever before fusion and filtering")
+    rrf_k: int = opt(60, "reciprocal rank fusion constant k in 1 / (k + rank)")
+    rank_min: int = opt(0, "skip the N best-ranked non-positive candidates (a guard against unjudged positives)")
+    rank_max: int = opt(0, "consider only the first N non-positive candidates (0 = all of depth)")
+    sampling: Literal["top", "random"] = opt("top", "keep the best-ranked surviving candidates, or a seeded random sample of them")
+    index: str = opt("flat", "dense search: 'flat' (exact, streamed from the fp16 cache) or a faiss index_factory string, e.g. 'IVF4096,SQfp16' or 'HNSW32,SQfp16'")
+    index_search_params: str = opt("", "faiss search-time parameters of an approximate index, e.g. 'nprobe=32' or 'efSearch=128'")
+    batch_size: int = opt(1024, "queries encoded, searched and written per step (the resume granularity)")
+    encode_batch_size: int = opt(64, "texts per forward pass when encoding corpus and queries")
+    cache_dir: str = opt("", "corpus-embedding cache root ('' = $EMBED_CACHE_DIR, else ~/.cache/embed)")
 
 
 # ---------------------------------------------------------------- training
@@ -99,6 +112,8 @@ class StageConfig:
     epochs: float = opt(1.0, "passes over the stage's data")
     max_steps: int = opt(0, "stop the stage after this many optimizer steps (0 = epochs decide)")
     learning_rate: float = opt(2.0e-05, "peak learning rate")
+    max_length: Optional[int] = opt(None, "document token limit in this stage (null = model.max_length)")
+    query_max_length: Optional[int] = opt(None, "query token limit in this stage (null = model.query_max_length)")
     num_negatives: int = opt(1, "hard negatives per query in each batch (rows with fewer are skipped and counted)")
     in_batch_negatives: bool = opt(True, "false = NV-Embed stage 2: each query sees only its own documents")
     instruction: Optional[str] = opt(None, "query instruction for this stage (default: model.query_prompt)")
@@ -130,6 +145,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = opt(64, "encoding batch size")
     base_model: str = opt("", "baseline to compare against ('' = model.name_or_path)")
+    model_name: str = opt("", "name the trained model's results and card are filed under, e.g. its hub id ('' = local/<run_dir folder>)")
 
 
 # ---------------------------------------------------------------- the recipe

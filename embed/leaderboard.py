@@ -1,0 +1,165 @@
+"""What an evaluation publishes: the comparison table and chart, the model card, the results PR folder.
+
+The table puts our base and trained scores next to published MTEB figures with their source, so a
+reader sees at a glance what training bought and where that sits among known models. The model
+card carries mteb metadata (tags, model-index) and the results folder mirrors the public
+results repository (embeddings-benchmark/results), so submitting is a copy and a pull request.
+Nothing is uploaded unless the caller passes an explicit repository AND a token.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from embed.config import ConfigError
+from embed.evaluation import is_local_task, task_label
+
+# Published nDCG@10 x 100 on the MTEB tasks (test split), keyed by lower-case dataset name.
+PUBLISHED_SOURCE = "MTEB leaderboard results (embeddings-benchmark/results), as collected in ../shared/FIELD.md"
+PUBLISHED_MODELS = ["BM25s", "all-MiniLM-L6-v2", "bge-small-en-v1.5", "bge-base-en-v1.5",
+                    "e5-mistral-7b-instruct", "NV-Embed-v2"]
+PUBLISHED_NOTES = {"NV-Embed-v2": "not zero-shot: trained on these datasets' training splits"}
+PUBLISHED_NDCG10 = {
+    "scifact": dict(zip(PUBLISHED_MODELS, [68.7, 64.5, 71.3, 74.4, 76.4, 80.1])),
+    "nfcorpus": dict(zip(PUBLISHED_MODELS, [32.1, 31.6, 34.3, 37.4, 38.6, 45.0])),
+}
+OFFICIAL_RESULTS_REPO = "https://github.com/embeddings-benchmark/results"
+
+
+def published_scores(dataset: str) -> dict[str, float]:
+    return PUBLISHED_NDCG10.get(dataset.lower(), {})
+
+
+def _pct(value: Optional[float]) -> str:
+    return "" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+# ---------------------------------------------------------------- table and chart
+def results_table(scores: dict[str, dict[str, float]], roles: dict[str, str], split: str) -> str:
+    """Markdown table: one row per dataset, one column per evaluated model, delta, published figures.
+
+    `scores` is {role: {dataset: main score (0-1)}}, `roles` is {role: model name}, in column order.
+    With roles `base` and `trained` a delta column (trained - base) follows them.
+    """
+    datasets = list(dict.fromkeys(d for role in roles for d in scores.get(role, {})))
+    refs = [m for m in PUBLISHED_MODELS if any(m in published_scores(d) for d in datasets)]
+    with_delta = set(roles) >= {"base", "trained"}
+    header = ["dataset", "split", *roles, *(["Δ"] if with_delta else []),
+              *[m + (" †" if m in PUBLISHED_NOTES else "") for m in refs]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for d in datasets:
+        row = [d, split, *[_pct(scores.get(role, {}).get(d)) for role in roles]]
+        if with_delta:
+            base, trained = scores["base"].get(d), scores["trained"].get(d)
+            row.append("" if base is None or trained is None else f"{100 * (trained - base):+.2f}")
+        row += [f"{published_scores(d)[m]:.1f}" if m in published_scores(d) else "" for m in refs]
+        lines.append("| " + " | ".join(row) + " |")
+    notes = ["", "Main score x 100 (nDCG@10 for retrieval). " +
+             "; ".join(f"{role} = `{name}`" for role, name in roles.items()) + "."]
+    if refs:
+        notes.append(f"Published columns: {PUBLISHED_SOURCE}.")
+        notes += [f"† {m}: {PUBLISHED_NOTES[m]}." for m in refs if m in PUBLISHED_NOTES]
+    return "\n".join(lines + notes) + "\n"
+
+
+def bar_chart(scores: dict[str, dict[str, float]], roles: dict[str, str], path: str | Path) -> None:
+    """Grouped bars per dataset (our models) with published figures as horizontal ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(d for role in roles for d in scores.get(role, {})))
+    width = 0.8 / max(len(roles), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(datasets) + 2), 4))
+    for i, role in enumerate(roles):
+        xs = [j + (i - (len(roles) - 1) / 2) * width for j in range(len(datasets))]
+        values = [100 * scores.get(role, {}).get(d, float("nan")) for d in datasets]
+        bars = ax.bar(xs, values, width, label=f"{role}: {roles[role]}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    markers = "os^vDP"
+    for k, model in enumerate(PUBLISHED_MODELS):
+        points = [(j, published_scores(d)[model]) for j, d in enumerate(datasets) if model in published_scores(d)]
+        if points:
+            ax.scatter(*zip(*points), marker=markers[k % len(markers)], color="black", s=18, zorder=3,
+                       label=f"published: {model}")
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel("main score x 100 (nDCG@10)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- model card
+def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, table: str,
+               query_prompt: str, document_prompt: str) -> str:
+    """README.md for the trained model: hub metadata with an mteb model-index, usage and results."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    results = []
+    for task in tasks:
+        label = task_label(task)
+        metrics = scores.get(label)
+        if metrics is None:
+            continue
+        local = is_local_task(task)
+        results.append(EvalResult(
+            task_type="text-retrieval" if task.metadata.type == "Retrieval" else task.metadata.type,
+            task_name=task.metadata.type,
+            dataset_type=f"local/{label}" if local else task.metadata.dataset["path"],
+            dataset_name=f"{'BEIR folder' if local else 'MTEB'} {label}",
+            dataset_split=",".join(task.eval_splits), dataset_revision=task.metadata.revision,
+            metric_type=task.metadata.main_score, metric_value=round(100 * metrics["main_score"], 2),
+            source_name="MTEB", source_url="https://github.com/embeddings-benchmark/mteb"))
+    data = ModelCardData(model_name=name, base_model=base_name if "/" in base_name else None,
+                         library_name="sentence-transformers", pipeline_tag="sentence-similarity",
+                         tags=["mteb", "sentence-transformers", "feature-extraction", "sentence-similarity"],
+                         eval_results=results or None)
+    usage = (
+        "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+        f'model = SentenceTransformer("{name}")\n'
+        'queries = model.encode(["..."], prompt_name="query")\n'
+        'documents = model.encode(["..."], prompt_name="document")\n```\n')
+    body = (f"# {name}\n\nA domain-adapted embedding model, fine-tuned from `{base_name}` with "
+            "the mteb-domain-embeddings recipe (synthetic queries, mined hard negatives, contrastive "
+            "training).\n\n## Usage\n\nThe query and document prompts are saved with the model and "
+            f"applied by `prompt_name`:\n\n- query prompt: `{query_prompt!r}`\n- document prompt: "
+            f"`{document_prompt!r}`\n\n{usage}\n## Evaluation (mteb)\n\n{table}")
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + body).content
+
+
+# ---------------------------------------------------------------- results repository
+def prepare_submission(results_root: str | Path, model_name: str, revision: str, out_dir: str | Path,
+                       official_tasks: set[str]) -> list[Path]:
+    """Copy the model's results on official MTEB tasks into `out_dir` in the results-repo layout.
+
+    Local BEIR folders are not leaderboard tasks, so they are left out. Returns the copied files.
+    """
+    folder_name = model_name.replace("/", "__").replace(" ", "_")
+    src = Path(results_root) / "results" / folder_name / revision
+    dst = Path(out_dir) / "results" / folder_name / revision
+    files = [p for p in sorted(src.glob("*.json")) if p.stem in official_tasks]
+    if not files:
+        return []
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in files + [src / "model_meta.json"]:
+        shutil.copy2(path, dst / path.name)
+        copied.append(dst / path.name)
+    return copied
+
+
+def push_to_hub(model_dir: str | Path, repo_id: str, token: Optional[str]) -> str:
+    """Upload the model folder (weights, prompts, model card) to `repo_id`; needs an explicit token."""
+    if not token:
+        raise ConfigError("--push_to_hub needs a Hugging Face token in the HF_TOKEN environment variable")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(model_dir), repo_id=repo_id,
+                               commit_message="Upload model and mteb results card")
+    return commit.commit_url

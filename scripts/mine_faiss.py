@@ -1,0 +1,120 @@
+"""Hard-negative mining: BM25 + dense-teacher candidates, fused by reciprocal rank, positive-aware filtered.
+
+Usage:
+    python scripts/mine_faiss.py recipes/scifact-minilm-cpu.yaml [--run_dir DIR] [--mine.num_negatives 8]
+    python scripts/mine_faiss.py RECIPE.yaml --mine.qrels train          # judged pairs of data.corpus
+    accelerate launch --num_processes 8 scripts/mine_faiss.py RECIPE.yaml   # corpus encoding sharded over GPUs
+
+Reads the generation stage's `run_dir/queries.jsonl` (rows with kept=true; the source document is the
+positive) or, with `mine.qrels`, judged pairs; mines negatives from `data.corpus`. Writes
+`run_dir/train.jsonl` (training-set schema), `mine_summary.json` and `mine_scores.png`.
+Corpus embeddings are cached (`mine.cache_dir`) and reused by any run with the same teacher and
+corpus. Rerunning a killed run resumes: finished queries are kept, none is written twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from embed.bm25_index import BM25Index
+from embed.cli import run_main
+from embed.config import parse_recipe
+from embed.data import DataError, load_corpus, write_json_atomic
+from embed.dense_index import DenseIndex, num_gpus
+from embed.embedding_cache import corpus_embeddings, default_cache_root
+from embed.hardware import peak_rss_gb
+from embed.mining import (NegativeMiner, ResumableOutput, batched, check_mine_config, load_mining_queries, load_teacher,
+                          log_line, plot_scores, rules_from_config, summarise, teacher_cache)
+
+
+def main():
+    # ------------------------------------------------------------------ config
+    cfg = parse_recipe("mine", description=__doc__)
+    mc, run_dir = cfg.mine, Path(cfg.run_dir)
+    check_mine_config(mc)
+    from accelerate import PartialState  # after --help: importing accelerate costs a second
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    log = log_line if rank == 0 else (lambda msg: None)
+    timings, started = {}, time.perf_counter()
+
+    # ------------------------------------------------------------------ inputs
+    t = time.perf_counter()
+    corpus = load_corpus(cfg.data.corpus)
+    skipped = Counter({f"corpus_{reason}": n for reason, n in corpus.skipped.items()})
+    queries, origin = load_mining_queries(cfg, corpus, skipped, log)
+    if not queries:
+        raise DataError(f"{origin}: no queries to mine (skipped: {dict(skipped)})")
+    texts = [corpus.doc_text(i) for i in range(len(corpus))]
+    timings["load_inputs"] = time.perf_counter() - t
+    log(f"inputs: {len(queries)} queries from {origin} | corpus {len(corpus)} documents | skipped {dict(skipped)}")
+
+    # ------------------------------------------------------------------ teacher + corpus embeddings (cached, sharded)
+    t = time.perf_counter()
+    teacher, teacher_name = load_teacher(cfg, state.device)
+    cache = teacher_cache(teacher, teacher_name, cfg.model.dtype, corpus, texts, default_cache_root(mc.cache_dir))
+    log(f"teacher: {teacher_name} on {state.device} x {world} process(es) | cache {cache.dir}")
+    corpus_emb, cache_hit = corpus_embeddings(
+        cache, texts, lambda chunk: teacher.encode(chunk, kind="document", batch_size=mc.encode_batch_size),
+        rank=rank, world_size=world, barrier=state.wait_for_everyone, log=log_line)
+    timings["corpus_embeddings"] = time.perf_counter() - t
+    log(f"corpus embeddings: {corpus_emb.shape} fp16 ({'cache hit' if cache_hit else 'encoded'}, "
+        f"{timings['corpus_embeddings']:.1f}s)")
+    if rank != 0:
+        return  # the other ranks only helped encode
+
+    # ------------------------------------------------------------------ candidate indexes
+    t = time.perf_counter()
+    dense = DenseIndex(corpus_emb, mc.index, mc.index_search_params, save_dir=cache.dir) if "dense" in mc.retrievers else None
+    bm25 = BM25Index(texts) if "bm25" in mc.retrievers else None
+    timings["build_indexes"] = time.perf_counter() - t
+    miner = NegativeMiner(corpus_emb, rules_from_config(mc), mc.depth, mc.rrf_k, cfg.seed,
+                          dense=dense, bm25=bm25, text_of=lambda row: texts[row])
+
+    # ------------------------------------------------------------------ mining (resumable, batch by batch)
+    settings = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("batch_size", "encode_batch_size", "cache_dir")}
+    stat = os.stat(origin)
+    output = ResumableOutput(run_dir, {"mine": settings, "seed": cfg.seed, "embeddings": cache.key,
+                                       "input": [origin, stat.st_size, stat.st_mtime_ns]}, log)
+    todo = [q for q in queries if q.query_id not in output.done]
+    if len(todo) < len(queries):
+        log(f"resuming: {len(queries) - len(todo)} of {len(queries)} queries already mined")
+    t = time.perf_counter()
+    encode_queries, mined_now = 0.0, 0
+    for batch in batched(todo, mc.batch_size):
+        tq = time.perf_counter()
+        query_emb = teacher.encode([q.text for q in batch], kind="query", batch_size=mc.encode_batch_size)
+        encode_queries += time.perf_counter() - tq
+        output.write(miner.mine(batch, query_emb), corpus)
+        mined_now += len(batch)
+        log(f"mined {len(queries) - len(todo) + mined_now}/{len(queries)} queries "
+            f"({mined_now / (time.perf_counter() - t):.1f} q/s)")
+    timings["mine"] = time.perf_counter() - t
+    timings.update({"encode_queries": encode_queries, **{k: v for k, v in miner.seconds.items()}})
+
+    # ------------------------------------------------------------------ outputs
+    stats = output.finalise([q.query_id for q in queries])
+    summary, pos_scores, neg_scores = summarise(output.final, stats, mc.num_negatives, skipped)
+    timings["total"] = time.perf_counter() - started
+    summary.update({
+        "input": origin, "corpus": cfg.data.corpus, "corpus_documents": len(corpus), "teacher": teacher_name,
+        "rules": dataclasses.asdict(rules_from_config(mc)), "retrievers": mc.retrievers, "depth": mc.depth,
+        "index": mc.index, "faiss_gpus": num_gpus(), "resumed_queries": len(queries) - len(todo),
+        "embedding_cache": {"dir": str(cache.dir), "hit": cache_hit},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_gb": peak_rss_gb(),
+    })
+    write_json_atomic(run_dir / "mine_summary.json", summary)
+    plot_scores(run_dir / "mine_scores.png", pos_scores, neg_scores,
+                f"{teacher_name}: relative margin {mc.relative_margin}, absolute margin {mc.absolute_margin}")
+    output.cleanup()
+    log(f"wrote {output.final}: {summary['queries_mined']} queries, {summary['negatives_per_query_mean']} negatives "
+        f"per query, {summary['queries_short_of_negatives']} short | drops {summary['drops_per_rule']} | "
+        f"{timings['total']:.1f}s, peak RSS {summary['peak_rss_gb']} GB")
+
+
+if __name__ == "__main__":
+    run_main(main)

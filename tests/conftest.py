@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random-init models built from configs (no hub), and the shared data."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))  # `import embed` without installation too
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tiny_bert(path: Path, seed: int = 0, **settings) -> Path:
+    """A 2-layer, 32-wide random BERT with the bundled MiniLM tokenizer, saved in our layout."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from embed.model import EmbeddingModel, EncoderSettings
+    from embed.paths import resolve_model
+    from embed.pooling import build_pooling
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        attn_implementation="sdpa")
+    backbone = BertModel(config, add_pooling_layer=False)
+    s = EncoderSettings(max_length=64, query_max_length=32, **settings)
+    model = EmbeddingModel(backbone, tokenizer, build_pooling(s.pooling, 32), s)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert") / "model")
+
+
+@pytest.fixture
+def scifact_dir() -> Path:
+    path = SHARED_DATA / "scifact"
+    if not (path / "corpus.jsonl").is_file():
+        pytest.skip(f"real data not found at {path} (../shared/data is absent on a fresh clone)")
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def toy_train_rows(n: int = 48, negatives: int = 2):
+    """Small synthetic training rows in the training-set schema (distinct texts)."""
+    topics = ["protein folding", "gene expression", "cell division", "immune response", "neural networks",
+              "tax law", "contract law", "river ecology", "solar cells", "quantum dots", "graph theory", "vaccines"]
+    rows = []
+    for i in range(n):
+        t = topics[i % len(topics)]
+        rows.append({"query": f"what about {t} case {i}?", "query_id": f"q{i}",
+                     "pos_ids": [f"d{i}"], "pos_texts": [f"document {i} discusses {t} in detail"],
+                     "neg_ids": [f"n{i}_{k}" for k in range(negatives)],
+                     "neg_texts": [f"unrelated note {i}-{k} on {topics[(i + k + 3) % len(topics)]}" for k in range(negatives)]})
+    return rows

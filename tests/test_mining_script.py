@@ -1,0 +1,230 @@
+"""scripts/mine_faiss.py end to end with a tiny random-init BERT teacher: outputs, resume, bad input, SciFact."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from embed.data import load_qrels, read_train_set
+from embed.paths import resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+TOPICS = ["protein folding", "river delta", "solar panel", "tax policy", "jazz guitar", "glacier melt",
+          "vaccine trial", "chess opening", "coral reef", "bread yeast"]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A seeded random-init 2-layer BERT with the bundled MiniLM tokenizer, saved as a plain HF folder."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def beir(tmp_path):
+    """40 documents on 10 topics (plus a verbatim copy of d0), 10 judged queries."""
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"d{i}", "title": TOPICS[i % 10], "text": f"{TOPICS[i % 10]} note {i} about {TOPICS[(i * 3) % 10]}"}
+            for i in range(40)]
+    docs.append({"_id": "copy_of_d0", "title": docs[0]["title"], "text": docs[0]["text"].upper()})
+    write_rows(folder / "corpus.jsonl", docs)
+    write_rows(folder / "queries.jsonl", [{"_id": f"q{i}", "text": f"what about {TOPICS[i]}?"} for i in range(10)])
+    (folder / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(10)) + "q1\td11\t1\n")
+    return folder
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def recipe(tmp_path, teacher, corpus, **mine):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "seed": 1,
+        "model": {"name_or_path": teacher, "max_length": 32, "query_max_length": 16},
+        "data": {"corpus": str(corpus)},
+        "mine": {"num_negatives": 3, "depth": 20, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), **mine},
+    }))
+    return path
+
+
+def run_in_process(monkeypatch, *args):
+    """The script's `run_main(main)` in this process (no interpreter start-up: torch imports are slow)."""
+    spec = importlib.util.spec_from_file_location("mine_faiss", ROOT / "scripts" / "mine_faiss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["mine_faiss.py", *map(str, args)])
+    module.run_main(module.main)
+
+
+def check_train_set(path: Path, qrels: dict, num_negatives: int, summary: dict):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    read_train_set(path)  # the training stage's reader accepts it
+    ids = [r["query_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == summary["queries_mined"]
+    short = 0
+    for r in rows:
+        judged = {d for d, s in qrels.get(r["query_id"], {}).items() if s > 0}
+        assert not set(r["neg_ids"]) & (judged | set(r["pos_ids"]))
+        assert len(r["neg_ids"]) == len(set(r["neg_ids"])) == len(r["neg_scores"]) <= num_negatives
+        pos_texts = {" ".join(t.split()).casefold() for t in r["pos_texts"]}
+        assert not {" ".join(t.split()).casefold() for t in r["neg_texts"]} & pos_texts
+        short += len(r["neg_ids"]) < num_negatives
+    assert short == summary["queries_short_of_negatives"]
+    return rows
+
+
+# ---------------------------------------------------------------- judged pairs
+def test_qrels_mining_writes_schema_summary_and_plot(tmp_path, tiny_teacher, beir, monkeypatch):
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train"))
+    run = tmp_path / "run"
+    summary = json.loads((run / "mine_summary.json").read_text())
+    rows = check_train_set(run / "train.jsonl", load_qrels(beir / "qrels" / "train.tsv"), 3, summary)
+    assert [r["query_id"] for r in rows] == [f"q{i}" for i in range(10)]
+    assert next(r for r in rows if r["query_id"] == "q1")["pos_ids"] == ["d1", "d11"]
+    q0 = next(r for r in rows if r["query_id"] == "q0")
+    assert "copy_of_d0" not in q0["neg_ids"]
+    assert summary["drops_per_rule"]["duplicate"] >= 1 and summary["drops_per_rule"]["positive"] >= 10
+    assert summary["negatives_per_query_histogram"] and not summary["embedding_cache"]["hit"]
+    assert (run / "mine_scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (run / "train.jsonl.partial").exists() and not (run / "mine_stats.jsonl.partial").exists()
+
+    # a second run reuses the cached corpus embeddings and gives the same rows
+    (run / "train.jsonl").rename(run / "first.jsonl")
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train"))
+    assert json.loads((run / "mine_summary.json").read_text())["embedding_cache"]["hit"]
+    assert (run / "train.jsonl").read_text() == (run / "first.jsonl").read_text()
+
+
+def test_margin_off_keeps_more_than_margin_on(tmp_path, tiny_teacher, beir, monkeypatch):
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", relative_margin=None,
+                                       rank_min=0, num_negatives=10))
+    off = json.loads((tmp_path / "run" / "mine_summary.json").read_text())
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", relative_margin=0.5,
+                                       absolute_margin=0.0, num_negatives=10))
+    on = json.loads((tmp_path / "run" / "mine_summary.json").read_text())
+    assert off["drops_per_rule"]["relative_margin"] == 0
+    assert on["drops_per_rule"]["relative_margin"] > 0
+    assert on["negatives_per_query_mean"] < off["negatives_per_query_mean"]
+    for _, row in enumerate(read_train_set(tmp_path / "run" / "train.jsonl")):
+        ceiling = min(row.pos_scores) - abs(min(row.pos_scores)) * 0.5
+        assert all(s <= ceiling + 1e-5 for s in row.neg_scores)
+
+
+# ---------------------------------------------------------------- generated queries + bad input
+def test_generated_queries_skip_and_count_bad_rows(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_rows(run / "queries.jsonl", [
+        {"doc_id": "d0", "sample": 0, "query": "protein folding question", "kept": True},
+        {"doc_id": "d0", "sample": 1, "query": "dropped by a filter", "kept": False},
+        {"doc_id": "d2", "sample": 0, "query": "   ", "kept": True},
+        {"doc_id": "missing_doc", "sample": 0, "query": "orphan", "kept": True},
+        {"doc_id": "d3", "sample": 0, "query": "tax policy question", "kept": True},
+    ])
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir))
+    summary = json.loads((run / "mine_summary.json").read_text())
+    assert summary["queries_mined"] == 2
+    assert summary["queries_skipped"] == {"empty_query": 1, "generated_not_kept": 1, "positive_not_in_corpus": 1}
+    assert "missing_doc" in capsys.readouterr().out
+    rows = check_train_set(run / "train.jsonl", {}, 3, summary)
+    assert [(r["query_id"], r["pos_ids"], r["source"]) for r in rows] == [("d0#0", ["d0"], "generated"),
+                                                                          ("d3#0", ["d3"], "generated")]
+
+
+def test_qrels_naming_a_missing_document_or_query_text_is_counted(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
+    write_rows(beir / "queries.jsonl", [{"_id": f"q{i}", "text": "" if i == 2 else f"about {TOPICS[i]}"} for i in range(10)])
+    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq0\tghost\t1\nq1\tghost\t1\n"
+                                              "q2\td2\t1\nq3\td3\t0\nq4\td4\t2\nq99\td5\t1\n")
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels=str(beir / "qrels" / "train.tsv")))
+    summary = json.loads((tmp_path / "run" / "mine_summary.json").read_text())
+    assert summary["queries_mined"] == 2  # q0 (its real positive) and q4
+    assert summary["queries_skipped"] == {"empty_query": 1, "positive_not_in_corpus": 2, "query_without_positive_in_corpus": 1,
+                                          "query_without_relevant_judgement": 1, "query_without_text": 2}
+    assert "2 judged positive(s) are not in the corpus" in capsys.readouterr().out
+
+
+def test_malformed_input_is_one_line_error(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_rows(run / "queries.jsonl", [{"doc_id": "d0", "query": "fine"}, {"doc_id": 7, "query": "bad id"}])
+    for args, message in (
+        ([recipe(tmp_path, tiny_teacher, beir)], f"error: {run / 'queries.jsonl'}:2: field 'doc_id' must be a string"),
+        ([recipe(tmp_path, tiny_teacher, beir), "--mine.depth", "2"], "error: key 'mine.depth' (2) must be >= mine.num_negatives (3)"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_in_process(monkeypatch, *args)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+# ---------------------------------------------------------------- kill mid-run, rerun
+KILLER = """
+import os, signal, sys, runpy
+from embed import mining
+original, calls = mining.ResumableOutput.write, [0]
+def write_then_die(self, mined, corpus):
+    calls[0] += 1
+    if calls[0] == 2:  # second batch: stats on disk, then half a row, then SIGKILL
+        self.stats.write(mining.to_stats_row(m) for m in mined)
+        self.rows._file.write('{"query": "torn')
+        self.rows._file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self, mined, corpus)
+mining.ResumableOutput.write = write_then_die
+sys.argv = ["mine_faiss.py", *sys.argv[1:]]
+runpy.run_path("scripts/mine_faiss.py", run_name="__main__")
+"""
+
+
+def test_kill_mid_run_then_rerun_has_no_duplicates_or_gaps(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    run_in_process(monkeypatch, recipe(reference, tiny_teacher, beir, qrels="train", sampling="random"))
+    args = [recipe(tmp_path, tiny_teacher, beir, qrels="train", sampling="random")]
+    proc = subprocess.run([sys.executable, "-c", KILLER, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run = tmp_path / "run"
+    partial = (run / "train.jsonl.partial").read_text()
+    assert partial.count("\n") == 4 and partial.endswith('{"query": "torn')  # one batch of 4 + a torn line
+    assert not (run / "train.jsonl").exists()
+    capsys.readouterr()
+    run_in_process(monkeypatch, *args)
+    out = capsys.readouterr().out
+    assert "resuming: 4 of 10 queries already mined" in out
+    assert (run / "train.jsonl").read_text() == (reference / "run" / "train.jsonl").read_text()
+    summary = json.loads((run / "mine_summary.json").read_text())
+    ref_summary = json.loads((reference / "run" / "mine_summary.json").read_text())
+    assert summary["drops_per_rule"] == ref_summary["drops_per_rule"] and summary["resumed_queries"] == 4
+
+
+# ---------------------------------------------------------------- real data
+@pytest.mark.slow  # ~60 s on 2 cores: encodes SciFact's 5,183 documents
+@pytest.mark.skipif(not SCIFACT.is_dir(), reason="../shared/data/scifact is absent")
+def test_scifact_train_pairs_every_row_full_or_counted_short(tmp_path, tiny_teacher, monkeypatch):
+    # the tiny teacher keeps this fast; the bundled MiniLM run is in bench/bench_mine.py and the report
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, SCIFACT, qrels="train", num_negatives=8,
+                                       depth=50, batch_size=512, encode_batch_size=128))
+    summary = json.loads((tmp_path / "run" / "mine_summary.json").read_text())
+    qrels = load_qrels(SCIFACT / "qrels" / "train.tsv")
+    assert summary["queries_mined"] == len(qrels) == 809
+    check_train_set(tmp_path / "run" / "train.jsonl", qrels, 8, summary)
+    assert sum(summary["negatives_per_query_histogram"].values()) == 809
+    assert summary["negatives_that_are_positives"] == 0

@@ -1,0 +1,92 @@
+"""scripts/train.py end to end on a tiny random BERT: smoke run, exact resume after SIGKILL, 2 processes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import REPO, toy_train_rows, write_jsonl
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def train_cmd(model_dir, data, run_dir, *extra, launcher=(sys.executable,)):
+    return [*launcher, str(REPO / "scripts" / "train.py"), "--run_dir", str(run_dir),
+            "--model.name_or_path", str(model_dir), "--train.stages.0.data", str(data),
+            "--train.per_device_batch_size", "8", "--train.stages.0.num_negatives", "1",
+            "--train.stages.0.learning_rate", "1.0e-03", "--train.report_to", "[]", "--train.logging_steps", "1",
+            *extra]
+
+
+def weights(run_dir):
+    return load_file(str(Path(run_dir) / "model" / "model.safetensors"))
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", toy_train_rows(48, negatives=2))
+
+
+def test_smoke_run_writes_model_and_summary(tmp_path, tiny_bert_dir, toy_data):
+    from sentence_transformers import SentenceTransformer
+
+    run_dir = tmp_path / "run"
+    out = subprocess.run(train_cmd(tiny_bert_dir, toy_data, run_dir, "--train.max_steps", "3"),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "total train batch size (global): 8" in out.stdout and "precision: fp32" in out.stdout
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["final_loss"] > 0
+    emb = SentenceTransformer(str(run_dir / "model"), device="cpu").encode(["a query"])
+    assert emb.shape == (1, 32)
+    assert not np.allclose(weights(run_dir)["embeddings.word_embeddings.weight"],
+                           load_file(str(tiny_bert_dir / "model.safetensors"))["embeddings.word_embeddings.weight"])
+
+
+def test_sigkill_then_resume_gives_identical_weights(tmp_path, tiny_bert_dir, toy_data):
+    steps = ["--train.max_steps", "60", "--train.save_steps", "5", "--train.stages.0.epochs", "20"]
+    reference = tmp_path / "uninterrupted"
+    out = subprocess.run(train_cmd(tiny_bert_dir, toy_data, reference, *steps), env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(tiny_bert_dir, toy_data, killed, *steps), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((killed / "checkpoints").glob("*/trainer_state.json")):
+        time.sleep(0.05)
+    time.sleep(0.3)  # land somewhere between checkpoints
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "model").exists()
+
+    out = subprocess.run(train_cmd(tiny_bert_dir, toy_data, killed, *steps), env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming from" in out.stdout
+    a, b = weights(reference), weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+    assert json.loads((killed / "train_summary.json").read_text())["steps"] == 60
+
+
+@pytest.mark.slow
+def test_two_cpu_processes(tmp_path, tiny_bert_dir, toy_data):
+    # accelerate 1.x starts a single process for `--cpu --num_processes 2` without MPI; the
+    # torchrun-based launcher with gloo is how two CPU processes run (train.py sets cpu=True).
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517")
+    run_dir = tmp_path / "ddp"
+    out = subprocess.run(train_cmd(tiny_bert_dir, toy_data, run_dir, "--train.max_steps", "2", launcher=launcher),
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x 2 process(es)" in out.stdout and "(global): 16 = 8 per device x 2" in out.stdout
+    assert (run_dir / "model" / "model.safetensors").is_file()
