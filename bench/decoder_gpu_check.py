@@ -106,7 +106,8 @@ def training_steps(shape, device, dtype, queries, negatives, query_len, doc_len,
     def embed(ids):
         mask = torch.ones_like(ids)
         with autocast:
-            return F.normalize(head(backbone(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float(), dim=-1)
+            token_states = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            return F.normalize(head(token_states, mask).float(), dim=-1)
 
     def step():
         scores = embed(q_ids) @ embed(d_ids).T / 0.02

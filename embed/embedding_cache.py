@@ -10,7 +10,7 @@ Layout of one entry, `<cache_root>/<key>/`:
   embeddings.npy   float16 [N, D], row i = corpus document i (memory-mapped when read)
   ids.txt          the N document ids, one a line (checked against the corpus on load)
   meta.json        key inputs, shape, timings; written last, so its presence means "complete"
-  parts/           per-chunk `.npy` files while encoding: a killed encoding resumes chunk by chunk,
+  parts-<size>/    per-chunk `.npy` files while encoding: a killed encoding resumes chunk by chunk,
                    and under `accelerate launch` each rank encodes its own chunks (rank 0 joins them)
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ class CorpusEmbeddingCache:
         re-encodes at most one chunk per rank. `barrier` is the process group's
         wait_for_everyone (a no-op in a single process).
         """
-        parts = self.dir / "parts"
+        parts = self.dir / f"parts-{chunk_size}"  # a resume with another chunk size starts its own parts
         parts.mkdir(parents=True, exist_ok=True)
         n_chunks = (len(texts) + chunk_size - 1) // chunk_size
         mine = [c for c in range(n_chunks) if c % world_size == rank]
@@ -143,7 +143,8 @@ class CorpusEmbeddingCache:
         os.replace(ids_tmp, self.dir / "ids.txt")
         write_json_atomic(self.dir / "meta.json", {**self.described, "shape": list(shape), "dtype": "float16",
                                                    "encode_seconds_last_build": round(encode_seconds, 3)})
-        shutil.rmtree(parts)
+        for leftover in self.dir.glob("parts-*"):
+            shutil.rmtree(leftover)
 
 
 def corpus_embeddings(cache: CorpusEmbeddingCache, texts: Sequence[str], encode: Callable[[list[str]], np.ndarray],

@@ -55,8 +55,9 @@ def check_mine_config(mine) -> None:
         raise ConfigError(f"key 'mine.rank_max' ({mine.rank_max}) must be 0 or > mine.rank_min ({mine.rank_min})")
     if not mine.retrievers:
         raise ConfigError("key 'mine.retrievers' must name at least one of: dense, bm25")
-    if mine.batch_size < 1 or mine.encode_batch_size < 1 or mine.rrf_k < 1:
-        raise ConfigError("keys 'mine.batch_size', 'mine.encode_batch_size' and 'mine.rrf_k' must be >= 1")
+    for key in ("batch_size", "encode_batch_size", "rrf_k", "cache_chunk_size"):
+        if getattr(mine, key) < 1:
+            raise ConfigError(f"key 'mine.{key}' must be >= 1")
 
 
 def rules_from_config(mine) -> NegativeRules:

@@ -9,7 +9,6 @@ for the same reason.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ from embed.pooling import ST_MODE_TO_NAME, build_pooling, pooling_class
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 ST_POOLING = "sentence_transformers.models.Pooling"
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
-BIDIRECTIONAL_TRANSFORMER = "embed.bidirectional.BidirectionalTransformer"
+LATENT_ATTENTION_ST = "embed.latent_attention.LatentAttentionST"
 EXTRA_CONFIG = "embed_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,10 +82,11 @@ def read_saved_settings(folder: Path) -> tuple[EncoderSettings, Optional[tuple[s
                 raise ModelLoadError(f"{mdir}: pooling mode '{mode}' is not supported here")
             settings.pooling = ST_MODE_TO_NAME[mode]
             settings.pool_prompt_tokens = cfg.get("include_prompt", True)
-        elif m["type"].endswith("Transformer") and m["type"] != ST_TRANSFORMER:
-            settings.bidirectional = m["type"] == BIDIRECTIONAL_TRANSFORMER
+        elif m["type"] == LATENT_ATTENTION_ST:
+            custom_pooling = ("latent_attention", mdir)
+            settings.pool_prompt_tokens = _read_json(mdir / "latent_attention_st.json").get("include_prompt", True)
         elif not m["type"].startswith("sentence_transformers."):
-            custom_pooling = (m["type"], mdir)
+            raise ModelLoadError(f"{folder}/modules.json: module type '{m['type']}' is not supported")
     st_cfg = _read_json(folder / "sentence_bert_config.json")
     settings.max_length = st_cfg.get("max_seq_length") or settings.max_length
     prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts", {})
@@ -97,11 +97,6 @@ def read_saved_settings(folder: Path) -> tuple[EncoderSettings, Optional[tuple[s
         if hasattr(settings, key):
             setattr(settings, key, value)
     return settings, custom_pooling
-
-
-def _import_class(dotted: str):
-    module, _, name = dotted.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 # ---------------------------------------------------------------- the model
@@ -131,7 +126,7 @@ class EmbeddingModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, attn_implementation: str = "sdpa", dtype: str = "float32",
                         trust_remote_code: bool = False, latent_attention: Optional[dict] = None,
-                        **overrides: Any) -> "EmbeddingModel":
+                        load_in_4bit: bool = False, **overrides: Any) -> "EmbeddingModel":
         """Load a base or trained model; keyword overrides (None = keep saved) win over saved settings."""
         path = resolve_model(name_or_path)
         folder = Path(path)
@@ -151,23 +146,23 @@ class EmbeddingModel(nn.Module):
             kwargs["attn_implementation"] = attn_implementation
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            backbone = AutoModel.from_pretrained(path, **kwargs)
+            backbone = _load_backbone(path, kwargs, load_in_4bit)
         except (OSError, ValueError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"cannot load model '{name_or_path}': {first_line}") from None
         if tokenizer.pad_token is None:  # decoder LLMs ship without one
             tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"  # left padding shifts decoder position ids: embeddings would change
         if settings.bidirectional:
             from embed.bidirectional import make_bidirectional
 
             make_bidirectional(backbone)
         hidden = backbone.config.hidden_size
-        if custom_pooling and (overrides.get("pooling") in (None, _registry_name(custom_pooling[0]))):
-            pooling = _import_class(custom_pooling[0]).load(str(custom_pooling[1]))
-            settings.pooling = _registry_name(custom_pooling[0])
+        if custom_pooling and overrides.get("pooling") in (None, custom_pooling[0]):
+            pooling = pooling_class(custom_pooling[0]).load(str(custom_pooling[1]))
+            settings.pooling = custom_pooling[0]
         else:
             pooling = build_pooling(settings.pooling, hidden, **(latent_attention or {}))
-        pooling.to(DTYPES[dtype])
         return cls(backbone, tokenizer, pooling, settings)
 
     # ------------------------------------------------------------ tokenisation
@@ -207,6 +202,9 @@ class EmbeddingModel(nn.Module):
         """Embeddings [B, D] for tokenised features; differentiable."""
         inputs = {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in features}
         token_embeddings = self.backbone(**inputs).last_hidden_state              # [B, T, H]
+        head = next(self.pooling.parameters(), None)
+        if head is not None and head.dtype != token_embeddings.dtype:  # an fp32 head on a bf16 backbone
+            token_embeddings = token_embeddings.to(head.dtype)
         pooling_mask = features.get("pooling_mask", features["attention_mask"])
         embeddings = self.pooling(token_embeddings, features["attention_mask"], pooling_mask)  # [B, H]
         if self.settings.normalize:
@@ -247,8 +245,8 @@ class EmbeddingModel(nn.Module):
         self.backbone.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         s = self.settings
-        transformer_type = BIDIRECTIONAL_TRANSFORMER if s.bidirectional else ST_TRANSFORMER
-        modules = [{"idx": 0, "name": "0", "path": "", "type": transformer_type}]
+        # a bidirectional decoder needs no custom module: config.json carries is_causal=false
+        modules = [{"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER}]
         if getattr(type(self.pooling), "st_mode", None):
             pool_dir = "1_Pooling"
             (path / pool_dir).mkdir(exist_ok=True)
@@ -256,11 +254,12 @@ class EmbeddingModel(nn.Module):
                 "embedding_dimension": self.hidden_size, "pooling_mode": type(self.pooling).st_mode,
                 "include_prompt": s.pool_prompt_tokens}, indent=2))
             modules.append({"idx": 1, "name": "1", "path": pool_dir, "type": ST_POOLING})
-        else:
-            pool_dir = "1_" + type(self.pooling).__name__
-            self.pooling.save(str(path / pool_dir))
-            cls = type(self.pooling)
-            modules.append({"idx": 1, "name": "1", "path": pool_dir, "type": f"{cls.__module__}.{cls.__name__}"})
+        else:  # latent attention: a custom ST module (SentenceTransformer needs trust_remote_code=True)
+            from embed.latent_attention import LatentAttentionST
+
+            pool_dir = "1_LatentAttention"
+            LatentAttentionST(self.pooling, include_prompt=s.pool_prompt_tokens).save(str(path / pool_dir))
+            modules.append({"idx": 1, "name": "1", "path": pool_dir, "type": LATENT_ATTENTION_ST})
         if s.normalize:
             (path / "2_Normalize").mkdir(exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": ST_NORMALIZE})
@@ -273,14 +272,17 @@ class EmbeddingModel(nn.Module):
         (path / EXTRA_CONFIG).write_text(json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
 
 
-def _registry_name(dotted_class: str) -> str:
-    from embed.pooling import POOLING_REGISTRY
+def _load_backbone(path: str, kwargs: dict, load_in_4bit: bool):
+    """AutoModel, except nemotron's bidirectional Llama (no remote code needed) and QLoRA 4-bit."""
+    from embed.nemotron import is_llama_bidirectional_checkpoint, load_nemotron_backbone
 
-    for name, entry in POOLING_REGISTRY.items():
-        target = entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__name__}"
-        if target.replace(":", ".") == dotted_class:
-            return name
-    raise ModelLoadError(f"pooling module '{dotted_class}' is not in embed.pooling's registry")
+    if load_in_4bit:
+        from embed.lora import load_in_4bit as load_4bit
+
+        return load_4bit(path, attn_implementation=kwargs.get("attn_implementation", "sdpa"))
+    if Path(path).is_dir() and is_llama_bidirectional_checkpoint(path) and not kwargs["trust_remote_code"]:
+        return load_nemotron_backbone(path, dtype=kwargs["dtype"], attn_implementation=kwargs.get("attn_implementation", "sdpa"))
+    return AutoModel.from_pretrained(path, **kwargs)
 
 
 def load_from_config(model_cfg, name_or_path: Optional[str] = None) -> EmbeddingModel:
@@ -290,7 +292,9 @@ def load_from_config(model_cfg, name_or_path: Optional[str] = None) -> Embedding
         name_or_path or model_cfg.name_or_path,
         attn_implementation=model_cfg.attn_implementation, dtype=model_cfg.dtype,
         trust_remote_code=model_cfg.trust_remote_code,
-        latent_attention={"num_latents": la.num_latents, "num_heads": la.num_heads, "head_dim": la.head_dim},
+        latent_attention={"num_latents": la.num_latents, "num_heads": la.num_heads, "head_dim": la.head_dim,
+                          "mlp_ratio": la.mlp_ratio},
+        load_in_4bit=model_cfg.lora.enabled and model_cfg.lora.load_in_4bit,
         pooling=model_cfg.pooling, normalize=model_cfg.normalize, max_length=model_cfg.max_length,
         query_max_length=model_cfg.query_max_length, query_prompt=model_cfg.query_prompt,
         document_prompt=model_cfg.document_prompt, pool_prompt_tokens=model_cfg.pool_prompt_tokens,

@@ -53,9 +53,11 @@ def load_nemotron_backbone(path: str, *, dtype=None, attn_implementation: str = 
     model, info = LlamaModel.from_pretrained(
         path, config=config, dtype=dtype, attn_implementation=attn_implementation,
         quantization_config=quantization_config, output_loading_info=True)
-    unexpected = [k for k in info["unexpected_keys"] if k not in IGNORED_CHECKPOINT_KEYS]
-    if info["missing_keys"] or unexpected or info.get("mismatched_keys"):
-        raise ValueError(f"{path}: weights do not fit LlamaModel: missing {sorted(info['missing_keys'])[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}")
+    missing = sorted(info["missing_keys"])
+    unexpected = sorted(k for k in info["unexpected_keys"] if k not in IGNORED_CHECKPOINT_KEYS)
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path}: weights do not fit LlamaModel: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, mismatched {mismatched[:5]}")
     make_bidirectional(model)
     return model

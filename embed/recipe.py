@@ -27,6 +27,7 @@ class LatentAttentionConfig:
     num_latents: int = opt(512, "latent array rows (keys/values of the pooling attention)")
     num_heads: int = opt(8, "attention heads of the latent-attention pooling")
     head_dim: int = opt(64, "width of each head; keep small on 1B backbones")
+    mlp_ratio: int = opt(4, "GEGLU MLP expansion (2 halves the head's parameters on a 1B backbone)")
     learning_rate: Optional[float] = opt(None, "own learning rate for the freshly initialised head (default: stage lr x 10)")
 
 
@@ -101,6 +102,7 @@ class MineConfig:
     batch_size: int = opt(1024, "queries encoded, searched and written per step (the resume granularity)")
     encode_batch_size: int = opt(64, "texts per forward pass when encoding corpus and queries")
     cache_dir: str = opt("", "corpus-embedding cache root ('' = $EMBED_CACHE_DIR, else ~/.cache/embed)")
+    cache_chunk_size: int = opt(8192, "documents per cached chunk: the unit of encoding resume and of sharding over processes")
 
 
 # ---------------------------------------------------------------- training

@@ -1,8 +1,9 @@
 """Hard-negative mining: BM25 + dense-teacher candidates, fused by reciprocal rank, positive-aware filtered.
 
 Usage:
-    python scripts/mine_faiss.py recipes/scifact-minilm-cpu.yaml [--run_dir DIR] [--mine.num_negatives 8]
-    python scripts/mine_faiss.py RECIPE.yaml --mine.qrels train          # judged pairs of data.corpus
+    python scripts/mine_faiss.py recipes/scifact-mine-minilm-cpu.yaml        # judged pairs (mine.qrels: train)
+    python scripts/mine_faiss.py recipes/scifact-minilm-cpu.yaml --run_dir DIR  # DIR/queries.jsonl from gen_vllm.py
+    python scripts/mine_faiss.py RECIPE.yaml --mine.qrels train --mine.num_negatives 8   # any key overridden
     accelerate launch --num_processes 8 scripts/mine_faiss.py RECIPE.yaml   # corpus encoding sharded over GPUs
 
 Reads the generation stage's `run_dir/queries.jsonl` (rows with kept=true; the source document is the
@@ -60,7 +61,7 @@ def main():
     log(f"teacher: {teacher_name} on {state.device} x {world} process(es) | cache {cache.dir}")
     corpus_emb, cache_hit = corpus_embeddings(
         cache, texts, lambda chunk: teacher.encode(chunk, kind="document", batch_size=mc.encode_batch_size),
-        rank=rank, world_size=world, barrier=state.wait_for_everyone, log=log_line)
+        chunk_size=mc.cache_chunk_size, rank=rank, world_size=world, barrier=state.wait_for_everyone, log=log_line)
     timings["corpus_embeddings"] = time.perf_counter() - t
     log(f"corpus embeddings: {corpus_emb.shape} fp16 ({'cache hit' if cache_hit else 'encoded'}, "
         f"{timings['corpus_embeddings']:.1f}s)")
@@ -76,7 +77,7 @@ def main():
                           dense=dense, bm25=bm25, text_of=lambda row: texts[row])
 
     # ------------------------------------------------------------------ mining (resumable, batch by batch)
-    settings = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("batch_size", "encode_batch_size", "cache_dir")}
+    settings = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("batch_size", "encode_batch_size", "cache_dir", "cache_chunk_size")}
     stat = os.stat(origin)
     output = ResumableOutput(run_dir, {"mine": settings, "seed": cfg.seed, "embeddings": cache.key,
                                        "input": [origin, stat.st_size, stat.st_mtime_ns]}, log)

@@ -94,13 +94,15 @@ def main():
     # ------------------------------------------------------------------ model
     model = load_from_config(cfg.model)
     frozen = freeze_unused_parameters(model)
-    if cfg.model.lora.enabled:
+    if cfg.model.lora.enabled:  # after make_bidirectional (done at load); the pooling head stays fully trainable
         from embed.lora import apply_lora
 
-        apply_lora(model.backbone, r=cfg.model.lora.r, alpha=cfg.model.lora.alpha,
-                   dropout=cfg.model.lora.dropout, target=cfg.model.lora.target)
+        model.backbone = apply_lora(model.backbone, r=cfg.model.lora.r, alpha=cfg.model.lora.alpha,
+                                    dropout=cfg.model.lora.dropout, target=cfg.model.lora.target)
     if tc.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from embed.lora import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model.backbone)
     raw_model = model
     accelerator.print(f"model: {cfg.model.name_or_path} | pooling {model.settings.pooling} | "
                       f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
@@ -141,7 +143,7 @@ def main():
         accelerator.init_trackers("train", config=flat)
     ckpt = CheckpointManager(Path(run_dir) / "checkpoints", accelerator, keep=tc.save_total_limit)
     resume = ckpt.latest()
-    global_step, losses, t_start, samples_seen = 0, [], time.time(), 0
+    global_step, losses, t_start, samples_seen, loop_seconds = 0, [], time.time(), 0, 0.0
     dev_metrics = {}
     if resume:
         accelerator.print(f"resuming from {resume.path} (stage {resume.stage}, step {resume.step_in_stage})")
@@ -193,6 +195,7 @@ def main():
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                loop_seconds += time.time() - t0
                 step_in_stage += 1
                 global_step += 1
                 samples_seen += global_batch
@@ -225,7 +228,8 @@ def main():
         summary = {
             "steps": global_step, "global_batch": global_batch, "processes": world, "precision": why,
             "samples_seen_this_run": samples_seen, "wall_seconds": round(elapsed, 1),
-            "samples_per_second": round(samples_seen / max(elapsed, 1e-9), 2),
+            "train_seconds": round(loop_seconds, 1),
+            "train_samples_per_second": round(samples_seen / max(loop_seconds, 1e-9), 2),
             "final_loss": losses[-1] if losses else None,
             "mean_loss_last_10": sum(losses[-10:]) / max(len(losses[-10:]), 1),
             "stages": [{"name": s.name, "examples": len(ex), "steps": st} for s, ex, (_, st) in

@@ -228,3 +228,24 @@ def test_scifact_train_pairs_every_row_full_or_counted_short(tmp_path, tiny_teac
     check_train_set(tmp_path / "run" / "train.jsonl", qrels, 8, summary)
     assert sum(summary["negatives_per_query_histogram"].values()) == 809
     assert summary["negatives_that_are_positives"] == 0
+
+
+# ---------------------------------------------------------------- sharded encoding under accelerate launch
+@pytest.mark.slow  # two CPU processes (gloo): ~1 min of interpreter start-up on 2 shared cores
+def test_two_process_launch_shards_encoding_and_matches_one_process(tmp_path, tiny_teacher, beir, monkeypatch):
+    one = tmp_path / "one"
+    one.mkdir()
+    run_in_process(monkeypatch, recipe(one, tiny_teacher, beir, qrels="train", cache_chunk_size=8))
+    two = tmp_path / "two"
+    two.mkdir()
+    proc = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "mine_faiss.py"),
+                           str(recipe(two, tiny_teacher, beir, qrels="train", cache_chunk_size=8))],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rank 1: chunk 2/6 encoded" in proc.stdout and "rank 0: chunk 1/6 encoded" in proc.stdout  # 41 docs, 8 a chunk
+    [entry_one] = (one / "cache").iterdir()
+    [entry_two] = (two / "cache").iterdir()
+    assert entry_one.name == entry_two.name  # same teacher + corpus -> same key
+    np.testing.assert_allclose(np.load(entry_one / "embeddings.npy"), np.load(entry_two / "embeddings.npy"), atol=2e-3)
+    assert (two / "run" / "train.jsonl").read_text() == (one / "run" / "train.jsonl").read_text()

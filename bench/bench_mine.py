@@ -1,0 +1,256 @@
+"""Benchmark of scripts/mine_faiss.py against sentence-transformers' `mine_hard_negatives`; prints JSON.
+
+Usage:
+    python bench/bench_mine.py [--data ../shared/data/scifact] [--num_negatives 4] [--relative_margin 0.05] \
+        [--repeats 1] [--out bench/results/mine.json]
+    python bench/bench_mine.py --scale [--scale_docs 1000000] [--scale_queries 1000] [--dim 384]
+    python bench/bench_mine.py --train      # + SciFact test nDCG@10 after training on each mined set
+
+Default mode, on SciFact's judged train pairs (qrels/train.tsv) with the bundled MiniLM as teacher,
+the same number of negatives, relative margin, encode batch size and full corpus for both:
+  ours  = scripts/mine_faiss.py with recipes/scifact-mine-minilm-cpu.yaml (BM25 + dense, cold cache)
+  st    = sentence_transformers.util.mine_hard_negatives(..., use_faiss=True, sampling_strategy="top")
+run alternately (ours, st, ours, st, ...) in fresh processes, then `ours` again on the warm
+embedding cache. Each process times its own work after imports (reading data, loading the model,
+encoding, mining, writing the output), and reports its peak RSS.
+`--scale`: 1,000 queries against 1,000,000 random unit 384-dim vectors stored as an fp16 memmap
+(exact flat search, the positive-aware rules), reporting queries/s and the mining process's peak RSS.
+`--train` trains recipes/scifact-mine-minilm-cpu.yaml on each mined set (scripts/train.py under
+accelerate, then scripts/eval_mteb.py) and reports nDCG@10 of each: about an hour on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "scifact-mine-minilm-cpu.yaml"
+
+
+def peak_rss_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)  # Linux: KiB
+
+
+# ---------------------------------------------------------------- children: one measured job per process
+def child_ours(args) -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mine_faiss", ROOT / "scripts" / "mine_faiss.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run_dir = Path(args.workdir) / args.name
+    sys.argv = ["mine_faiss.py", str(RECIPE), "--run_dir", str(run_dir), "--data.corpus", args.data,
+                "--mine.cache_dir", str(Path(args.workdir) / "cache"), "--mine.num_negatives", str(args.num_negatives),
+                "--mine.relative_margin", str(args.relative_margin), "--mine.encode_batch_size", str(args.encode_batch_size)]
+    start = time.perf_counter()
+    script.main()
+    seconds = time.perf_counter() - start
+    summary = json.loads((run_dir / "mine_summary.json").read_text())
+    return {"seconds": seconds, "peak_rss_gb": peak_rss_gb(), "train_jsonl": str(run_dir / "train.jsonl"),
+            "rows": summary["queries_mined"], "short": summary["queries_short_of_negatives"],
+            "cache_hit": summary["embedding_cache"]["hit"], "timings_s": summary["timings_s"],
+            **judged_positive_leaks(run_dir / "train.jsonl", args.data)}
+
+
+def child_st(args) -> dict:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from embed.data import TrainExample, load_corpus, load_qrels, load_queries, write_train_set
+    from embed.paths import resolve_model
+
+    start = time.perf_counter()
+    corpus = load_corpus(args.data)
+    texts = [corpus.doc_text(i) for i in range(len(corpus))]
+    queries = load_queries(args.data)
+    pairs = [(queries[q], texts[corpus.index[d]]) for q, judged in load_qrels(Path(args.data) / "qrels" / "train.tsv").items()
+             for d, s in judged.items() if s > 0 and q in queries and d in corpus.index]
+    model = SentenceTransformer(resolve_model("minilm"), device="cpu")
+    mined = mine_hard_negatives(Dataset.from_dict({"query": [q for q, _ in pairs], "positive": [p for _, p in pairs]}),
+                                model, corpus=texts, relative_margin=args.relative_margin,
+                                num_negatives=args.num_negatives, sampling_strategy="top", batch_size=args.encode_batch_size,
+                                use_faiss=True, output_format="n-tuple", verbose=False)
+    # the same training-set schema as ours, so both train through the same recipe (--train)
+    id_of = {t: corpus.ids[i] for i, t in reversed(list(enumerate(texts)))}
+    neg_cols = [c for c in mined.column_names if c.startswith("negative")]
+    examples = [TrainExample(query=row["query"], pos_ids=[id_of[row["positive"]]], pos_texts=[row["positive"]],
+                             neg_ids=[id_of[row[c]] for c in neg_cols], neg_texts=[row[c] for c in neg_cols],
+                             source="sentence-transformers mine_hard_negatives") for row in mined]
+    out = Path(args.workdir) / args.name / "train.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_train_set(out, examples)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_gb": peak_rss_gb(), "train_jsonl": str(out), "rows": len(examples),
+            "input_pairs": len(pairs), **judged_positive_leaks(out, args.data)}
+
+
+def judged_positive_leaks(train_jsonl: Path, data: str) -> dict:
+    """Negatives that are judged positives of their query (by query text), and copies of a positive's text."""
+    from embed.data import load_qrels, load_queries, read_jsonl
+
+    queries = load_queries(data)
+    judged_by_text: dict[str, set] = {}
+    for q, judged in load_qrels(Path(data) / "qrels" / "train.tsv").items():
+        if q in queries:
+            judged_by_text.setdefault(queries[q], set()).update(d for d, s in judged.items() if s > 0)
+    leaks = copies = 0
+    for _, row in read_jsonl(train_jsonl):
+        leaks += len(set(row["neg_ids"]) & judged_by_text.get(row["query"], set()))
+        pos = {" ".join(t.split()).casefold() for t in row["pos_texts"]}
+        copies += sum(" ".join(t.split()).casefold() in pos for t in row["neg_texts"])
+    return {"negatives_that_are_judged_positives": leaks, "negatives_copying_a_positive_text": copies}
+
+
+def child_scale_data(args) -> dict:
+    """1M random unit vectors written chunk by chunk into an fp16 .npy (never whole in RAM)."""
+    import numpy as np
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    emb = np.lib.format.open_memmap(Path(args.workdir) / "scale.npy", mode="w+", dtype=np.float16,
+                                    shape=(args.scale_docs, args.dim))
+    for lo in range(0, args.scale_docs, 65536):
+        x = rng.standard_normal((min(65536, args.scale_docs - lo), args.dim)).astype(np.float32)
+        emb[lo:lo + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    emb.flush()
+    return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
+
+
+def child_scale(args) -> dict:
+    """Mine 1,000 queries against the memmapped corpus: flat FAISS search + the positive-aware rules."""
+    import numpy as np
+
+    from embed.dense_index import DenseIndex
+    from embed.mining import MiningQuery, NegativeMiner
+    from embed.negative_filters import NegativeRules
+
+    emb = np.load(Path(args.workdir) / "scale.npy", mmap_mode="r")
+    rng = np.random.default_rng(1)
+    # each query is a noisy copy of its positive, so positive scores (~0.9) make the margin rule bite
+    positives = rng.choice(len(emb), args.scale_queries, replace=False)
+    q = np.asarray(emb[np.sort(positives)], dtype=np.float32)[np.argsort(np.argsort(positives))]
+    q += 0.02 * rng.standard_normal(q.shape).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    queries = [MiningQuery(f"q{i}", "", [int(p)]) for i, p in enumerate(positives)]
+    start = time.perf_counter()
+    miner = NegativeMiner(emb, NegativeRules(num_negatives=args.num_negatives, relative_margin=args.relative_margin),
+                          depth=100, rrf_k=60, seed=0, dense=DenseIndex(emb))
+    mined = []
+    for lo in range(0, len(queries), 1024):
+        mined += miner.mine(queries[lo:lo + 1024], q[lo:lo + 1024])
+    seconds = time.perf_counter() - start
+    short = sum(len(m.selection.indices) < args.num_negatives for m in mined)
+    leaks = sum(bool(set(m.selection.indices) & set(m.query.positive_rows)) for m in mined)
+    return {"seconds": seconds, "queries_per_s": round(len(queries) / seconds, 2), "peak_rss_gb": peak_rss_gb(),
+            "corpus": list(emb.shape), "corpus_dtype": str(emb.dtype), "queries": len(queries), "short": short,
+            "negatives_that_are_positives": leaks, "seconds_by_step": {k: round(v, 3) for k, v in miner.seconds.items()}}
+
+
+CHILDREN = {"ours": child_ours, "st": child_st, "scale_data": child_scale_data, "scale": child_scale}
+
+
+# ---------------------------------------------------------------- parent: orchestration
+def spawn(kind: str, name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--_child", kind, "--_name", name, "--workdir", args.workdir, "--data", args.data,
+           "--num_negatives", str(args.num_negatives), "--relative_margin", str(args.relative_margin),
+           "--encode_batch_size", str(args.encode_batch_size), "--scale_docs", str(args.scale_docs),
+           "--scale_queries", str(args.scale_queries), "--dim", str(args.dim)]
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise SystemExit(f"[bench] {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"[bench] {name}: {result['seconds']:.1f}s, peak RSS {result['peak_rss_gb']} GB", file=sys.stderr, flush=True)
+    return result
+
+
+def train_and_eval(train_jsonl: str, name: str, args) -> dict:
+    """The same recipe trained on one mined set, then SciFact test nDCG@10 (scripts/train.py + eval_mteb.py)."""
+    run_dir = Path(args.workdir) / f"train_{name}"
+    common = [str(RECIPE), "--run_dir", str(run_dir), "--data.corpus", args.data, "--train.stages.0.data.0", train_jsonl]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+                    str(ROOT / "scripts" / "train.py"), *common], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_mteb.py"), *common], cwd=ROOT, env=env, check=True)
+    return json.loads((run_dir / "eval_summary.json").read_text())["ndcg_at_10"]
+
+
+def bench_scifact(args) -> dict:
+    ours, st = [], []
+    for i in range(args.repeats):  # alternate, so drifting machine load hits both alike
+        if i:
+            import shutil
+
+            shutil.rmtree(Path(args.workdir) / "cache", ignore_errors=True)  # every "ours" cold run starts cold
+        ours.append(spawn("ours", f"ours_cold_{i}", args))
+        st.append(spawn("st", f"st_{i}", args))
+    cached = spawn("ours", "ours_cached", args)
+    t_ours = statistics.median(r["seconds"] for r in ours)
+    t_st = statistics.median(r["seconds"] for r in st)
+    result = {
+        "data": args.data, "teacher": "minilm (bundled all-MiniLM-L6-v2)", "num_negatives": args.num_negatives,
+        "relative_margin": args.relative_margin, "encode_batch_size": args.encode_batch_size,
+        "cpu_threads": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "ours_seconds": round(t_ours, 2), "st_seconds": round(t_st, 2),
+        "ratio_st_over_ours": round(t_st / t_ours, 3),
+        "ours_cached_seconds": round(cached["seconds"], 2), "cached_speedup": round(t_ours / cached["seconds"], 2),
+        "runs": {"ours": ours, "st": st, "ours_cached": cached},
+    }
+    if args.train:
+        result["ndcg_at_10_after_training"] = {"ours": train_and_eval(ours[0]["train_jsonl"], "ours", args),
+                                               "st": train_and_eval(st[0]["train_jsonl"], "st", args)}
+    return result
+
+
+def bench_scale(args) -> dict:
+    data = spawn("scale_data", "scale_data", args)
+    mined = spawn("scale", "scale_mine", args)
+    return {"mode": "scale", "num_negatives": args.num_negatives, "relative_margin": args.relative_margin,
+            "index": "flat (exact, streamed fp16 memmap)", "corpus_build_seconds": round(data["seconds"], 2),
+            "mine_seconds": round(mined["seconds"], 2), **{k: v for k, v in mined.items() if k != "seconds"},
+            "peak_rss_limit_gb": 4.0, "within_limit": mined["peak_rss_gb"] <= 4.0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    p.add_argument("--num_negatives", type=int, default=4)
+    p.add_argument("--relative_margin", type=float, default=0.05)
+    p.add_argument("--encode_batch_size", type=int, default=32, help="both miners (sentence-transformers' default)")
+    p.add_argument("--repeats", type=int, default=1, help="alternating cold runs of each; medians are reported")
+    p.add_argument("--scale", action="store_true")
+    p.add_argument("--scale_docs", type=int, default=1_000_000)
+    p.add_argument("--scale_queries", type=int, default=1000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--_child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--_name", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args._child:
+        args.name = args._name
+        print(json.dumps(CHILDREN[args._child](args)))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_mine_") as tmp:
+        args.workdir = args.workdir or tmp
+        result = bench_scale(args) if args.scale else bench_scifact(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
