@@ -3,7 +3,8 @@
 Usage:
     python bench/bench_mine.py [--data ../shared/data/scifact] [--num_negatives 4] [--relative_margin 0.05] \
         [--repeats 1] [--out bench/results/mine.json]
-    python bench/bench_mine.py --scale [--scale_docs 1000000] [--scale_queries 1000] [--dim 384]
+    python bench/bench_mine.py --scale [--scale_docs 1000000] [--scale_queries 1000] [--dim 384] \
+        [--scale_index IVF1024,SQfp16 --scale_search_params nprobe=32]
     python bench/bench_mine.py --train      # + SciFact test nDCG@10 after training on each mined set
 
 Default mode, on SciFact's judged train pairs (qrels/train.tsv) with the bundled MiniLM as teacher,
@@ -142,15 +143,18 @@ def child_scale(args) -> dict:
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     queries = [MiningQuery(f"q{i}", "", [int(p)]) for i, p in enumerate(positives)]
     start = time.perf_counter()
+    dense = DenseIndex(emb, index=args.scale_index, search_params=args.scale_search_params)
+    built = time.perf_counter() - start
     miner = NegativeMiner(emb, NegativeRules(num_negatives=args.num_negatives, relative_margin=args.relative_margin),
-                          depth=100, rrf_k=60, seed=0, dense=DenseIndex(emb))
+                          depth=100, rrf_k=60, seed=0, dense=dense)
     mined = []
     for lo in range(0, len(queries), 1024):
         mined += miner.mine(queries[lo:lo + 1024], q[lo:lo + 1024])
     seconds = time.perf_counter() - start
     short = sum(len(m.selection.indices) < args.num_negatives for m in mined)
     leaks = sum(bool(set(m.selection.indices) & set(m.query.positive_rows)) for m in mined)
-    return {"seconds": seconds, "queries_per_s": round(len(queries) / seconds, 2), "peak_rss_gb": peak_rss_gb(),
+    return {"seconds": seconds, "queries_per_s": round(len(queries) / (seconds - built), 2), "index_build_seconds": round(built, 2),
+            "peak_rss_gb": peak_rss_gb(),
             "corpus": list(emb.shape), "corpus_dtype": str(emb.dtype), "queries": len(queries), "short": short,
             "negatives_that_are_positives": leaks, "seconds_by_step": {k: round(v, 3) for k, v in miner.seconds.items()}}
 
@@ -163,7 +167,8 @@ def spawn(kind: str, name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--_child", kind, "--_name", name, "--workdir", args.workdir, "--data", args.data,
            "--num_negatives", str(args.num_negatives), "--relative_margin", str(args.relative_margin),
            "--encode_batch_size", str(args.encode_batch_size), "--scale_docs", str(args.scale_docs),
-           "--scale_queries", str(args.scale_queries), "--dim", str(args.dim)]
+           "--scale_queries", str(args.scale_queries), "--dim", str(args.dim), "--scale_index", args.scale_index,
+           "--scale_search_params", args.scale_search_params]
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -215,9 +220,11 @@ def bench_scale(args) -> dict:
     data = spawn("scale_data", "scale_data", args)
     mined = spawn("scale", "scale_mine", args)
     return {"mode": "scale", "num_negatives": args.num_negatives, "relative_margin": args.relative_margin,
-            "index": "flat (exact, streamed fp16 memmap)", "corpus_build_seconds": round(data["seconds"], 2),
+            "index": args.scale_index, "search_params": args.scale_search_params,
+            "corpus_build_seconds": round(data["seconds"], 2),
             "mine_seconds": round(mined["seconds"], 2), **{k: v for k, v in mined.items() if k != "seconds"},
-            "peak_rss_limit_gb": 4.0, "within_limit": mined["peak_rss_gb"] <= 4.0}
+            "peak_rss_limit_gb": 4.0, "within_limit": mined["peak_rss_gb"] <= 4.0,
+            "cpu_threads": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -231,6 +238,8 @@ def main() -> None:
     p.add_argument("--scale_docs", type=int, default=1_000_000)
     p.add_argument("--scale_queries", type=int, default=1000)
     p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--scale_index", default="flat", help="'flat' (exact) or a faiss factory string, e.g. IVF1024,SQfp16")
+    p.add_argument("--scale_search_params", default="", help="e.g. nprobe=32 for an IVF index")
     p.add_argument("--train", action="store_true")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default=None, help="also write the JSON here")

@@ -12,21 +12,19 @@ Three pieces:
 
 mteb's cache trap (FIELD.md): results are cached by model name + revision, so a fine-tuned model
 filed under its base model's name silently gets the base model's scores. Every model here is filed
-under a revision that is a fingerprint of its weights and encoder settings, so two different
-models can never share a cache entry, whatever their names.
+under a revision that fingerprints its encoder settings and outputs (see `model_fingerprint`), so
+two different models never share a cache entry, whatever their names.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import mteb
 import numpy as np
-import torch
 from datasets import Dataset
 from datasets.exceptions import DatasetNotFoundError
 from mteb.abstasks import AbsTaskRetrieval
@@ -37,8 +35,6 @@ from mteb.types import PromptType
 
 from embed.config import ConfigError
 from embed.data import DataError, load_corpus, load_qrels, load_queries, resolve_data_path
-
-logger = logging.getLogger(__name__)
 
 # Hub names of the bundled aliases: results are filed (and compared with published ones) under them.
 PUBLISHED_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -124,6 +120,10 @@ def task_label(task) -> str:
     return task.label if is_local_task(task) else task.metadata.name
 
 
+def task_splits(task) -> str:
+    return ",".join(task.eval_splits)
+
+
 def resolve_eval_tasks(specs: list[str], split: str = "test") -> list:
     """mteb tasks for `data.eval`: BEIR folders (split `split`), MTEB task names or benchmark names.
 
@@ -196,13 +196,26 @@ def default_model_name(name_or_path: str) -> str:
     return name_or_path
 
 
+FINGERPRINT_PROBES = [
+    "what causes the seasons on earth",
+    "The tilt of Earth's axis, not its distance from the Sun, makes summer and winter.",
+    "def add(a, b):\n    return a + b",
+    "Die Katze schläft auf dem Sofa. 猫はソファで寝ている。",
+]
+
+
 def model_fingerprint(model) -> str:
-    """Hash of the weights and encoder settings: the revision a model's results are filed under."""
-    h = hashlib.sha256()
-    h.update(json.dumps(dataclasses.asdict(model.settings), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    """The revision a model's results are filed under: a hash of its settings and of what it computes.
+
+    Hashing the embeddings of fixed probe texts rather than the weights: two loads of one
+    checkpoint can differ in weights that never reach the output (BERT's pooler is freshly,
+    randomly initialised when a checkpoint lacks it), while any training step changes the
+    outputs. Rounding to 4 decimals absorbs float noise; a rare flip only costs a re-evaluation.
+    """
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.settings), sort_keys=True).encode())
+    for kind in ("query", "document"):
+        embeddings = model.encode(FINGERPRINT_PROBES, kind=kind)
+        h.update((np.round(embeddings, 4) + 0.0).astype(np.float32).tobytes())  # + 0.0: no negative zeros
     return h.hexdigest()[:16]
 
 
@@ -229,7 +242,7 @@ def _flat_scores(task_result) -> dict[str, float]:
     """Every numeric metric of a TaskResult, averaged over its splits and subsets (0-1 scale)."""
     first = next(iter(task_result.scores.values()))[0]
     keys = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {k: float(task_result.get_score(getter=lambda s, k=k: s[k])) for k in keys}
+    return {k: float(task_result.get_score(getter=lambda s, k=k: s.get(k, float("nan")))) for k in keys}
 
 
 def _overwrite_strategy(cache, task, meta) -> str:
@@ -254,7 +267,7 @@ def evaluate_model(model, tasks: list, *, name: str, results_dir: Optional[str |
     """Evaluate `model` on mteb `tasks`; return {dataset label: {metric: value (0-1)}}.
 
     With `results_dir`, results are written (and reused on a rerun) in mteb's results layout
-    `results_dir/results/<name>/<revision>/<task>.json`, revision = the weights' fingerprint.
+    `results_dir/results/<name>/<revision>/<task>.json`, revision = `model_fingerprint(model)`.
     """
     meta = build_model_meta(model, name, revision or model_fingerprint(model), dim)
     encoder = MTEBEncoder(model, meta, dim=dim)
@@ -270,6 +283,8 @@ def evaluate_model(model, tasks: list, *, name: str, results_dir: Optional[str |
             if is_local_task(task):
                 raise
             raise _hub_error(task, e) from None
+        if result.exceptions:  # mteb reports a private dataset it cannot load instead of raising
+            raise _hub_error(task, RuntimeError(result.exceptions[0].exception))
         scores[task_label(task)] = _flat_scores(result.task_results[0])
     return scores
 

@@ -20,7 +20,7 @@ from embed.evaluation import is_local_task, task_label
 PUBLISHED_SOURCE = "MTEB leaderboard results (embeddings-benchmark/results), as collected in ../shared/FIELD.md"
 PUBLISHED_MODELS = ["BM25s", "all-MiniLM-L6-v2", "bge-small-en-v1.5", "bge-base-en-v1.5",
                     "e5-mistral-7b-instruct", "NV-Embed-v2"]
-PUBLISHED_NOTES = {"NV-Embed-v2": "not zero-shot: trained on these datasets' training splits"}
+PUBLISHED_NOTES = {"NV-Embed-v2": "not zero-shot (trained on these datasets' training splits)"}
 PUBLISHED_NDCG10 = {
     "scifact": dict(zip(PUBLISHED_MODELS, [68.7, 64.5, 71.3, 74.4, 76.4, 80.1])),
     "nfcorpus": dict(zip(PUBLISHED_MODELS, [32.1, 31.6, 34.3, 37.4, 38.6, 45.0])),
@@ -37,11 +37,12 @@ def _pct(value: Optional[float]) -> str:
 
 
 # ---------------------------------------------------------------- table and chart
-def results_table(scores: dict[str, dict[str, float]], roles: dict[str, str], split: str) -> str:
+def results_table(scores: dict[str, dict[str, float]], roles: dict[str, str], splits: dict[str, str]) -> str:
     """Markdown table: one row per dataset, one column per evaluated model, delta, published figures.
 
-    `scores` is {role: {dataset: main score (0-1)}}, `roles` is {role: model name}, in column order.
-    With roles `base` and `trained` a delta column (trained - base) follows them.
+    `scores` is {role: {dataset: main score (0-1)}}, `roles` is {role: model name}, in column order,
+    `splits` is {dataset: evaluated split(s)}. With roles `base` and `trained` a delta column
+    (trained - base) follows them.
     """
     datasets = list(dict.fromkeys(d for role in roles for d in scores.get(role, {})))
     refs = [m for m in PUBLISHED_MODELS if any(m in published_scores(d) for d in datasets)]
@@ -50,7 +51,7 @@ def results_table(scores: dict[str, dict[str, float]], roles: dict[str, str], sp
               *[m + (" †" if m in PUBLISHED_NOTES else "") for m in refs]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for d in datasets:
-        row = [d, split, *[_pct(scores.get(role, {}).get(d)) for role in roles]]
+        row = [d, splits.get(d, ""), *[_pct(scores.get(role, {}).get(d)) for role in roles]]
         if with_delta:
             base, trained = scores["base"].get(d), scores["trained"].get(d)
             row.append("" if base is None or trained is None else f"{100 * (trained - base):+.2f}")
@@ -65,7 +66,7 @@ def results_table(scores: dict[str, dict[str, float]], roles: dict[str, str], sp
 
 
 def bar_chart(scores: dict[str, dict[str, float]], roles: dict[str, str], path: str | Path) -> None:
-    """Grouped bars per dataset (our models) with published figures as horizontal ticks."""
+    """Grouped bars per dataset (our models), published figures as black markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +74,7 @@ def bar_chart(scores: dict[str, dict[str, float]], roles: dict[str, str], path: 
 
     datasets = list(dict.fromkeys(d for role in roles for d in scores.get(role, {})))
     width = 0.8 / max(len(roles), 1)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(datasets) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(3.0, 1.4 * len(datasets) + 1), 4))
     for i, role in enumerate(roles):
         xs = [j + (i - (len(roles) - 1) / 2) * width for j in range(len(datasets))]
         values = [100 * scores.get(role, {}).get(d, float("nan")) for d in datasets]
@@ -88,8 +89,7 @@ def bar_chart(scores: dict[str, dict[str, float]], roles: dict[str, str], path: 
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_ylabel("main score x 100 (nDCG@10)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" keeps the legend beside the axes
     plt.close(fig)
 
 
@@ -114,7 +114,8 @@ def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, 
             dataset_split=",".join(task.eval_splits), dataset_revision=task.metadata.revision,
             metric_type=task.metadata.main_score, metric_value=round(100 * metrics["main_score"], 2),
             source_name="MTEB", source_url="https://github.com/embeddings-benchmark/mteb"))
-    data = ModelCardData(model_name=name, base_model=base_name if "/" in base_name else None,
+    on_hub = "/" in base_name and not base_name.startswith("local/")
+    data = ModelCardData(model_name=name, base_model=base_name if on_hub else None,
                          library_name="sentence-transformers", pipeline_tag="sentence-similarity",
                          tags=["mteb", "sentence-transformers", "feature-extraction", "sentence-similarity"],
                          eval_results=results or None)
@@ -123,12 +124,12 @@ def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, 
         f'model = SentenceTransformer("{name}")\n'
         'queries = model.encode(["..."], prompt_name="query")\n'
         'documents = model.encode(["..."], prompt_name="document")\n```\n')
-    body = (f"# {name}\n\nA domain-adapted embedding model, fine-tuned from `{base_name}` with "
-            "the mteb-domain-embeddings recipe (synthetic queries, mined hard negatives, contrastive "
-            "training).\n\n## Usage\n\nThe query and document prompts are saved with the model and "
+    body = (f"# {name}\n\nAn embedding model fine-tuned contrastively from `{base_name}` with "
+            "mteb-domain-embeddings; the recipe it was trained with is saved in its run folder "
+            "(`train_config.yaml`).\n\n## Usage\n\nThe query and document prompts are saved with the model and "
             f"applied by `prompt_name`:\n\n- query prompt: `{query_prompt!r}`\n- document prompt: "
             f"`{document_prompt!r}`\n\n{usage}\n## Evaluation (mteb)\n\n{table}")
-    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + body).content
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").content  # no templating: prompts may hold braces
 
 
 # ---------------------------------------------------------------- results repository

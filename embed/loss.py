@@ -6,12 +6,12 @@ Tensors only: the model, tokenizer and batching live elsewhere. Every loss takes
     doc_keys        [B, G]     int64 id of each document's TEXT (equal text => equal key), >= 0
     query_pos_keys  [B, P]     int64 keys of every positive of the query, padded with -1
 The keys let the loss drop a candidate that duplicates one of the query's positives: scored as
-a negative it would be a false negative (FIELD.md). `text_key` makes keys that agree across ranks.
+a negative it would be a false negative (FIELD.md). Keys must agree across ranks, so they come
+from a digest of the text (`embed.batching.text_key`), never from Python's per-process `hash()`.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,15 +25,6 @@ from embed.distributed import all_gather_with_grad, rank_and_world_size
 Features = dict[str, torch.Tensor]
 
 
-def text_key(text: str) -> int:
-    """A stable non-negative 63-bit id of `text`, for `doc_keys` / `query_pos_keys`.
-
-    Python's `hash()` is salted per process, so two ranks would give one text different keys and
-    cross-rank duplicates would go unmasked; a cryptographic digest agrees everywhere.
-    """
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
-
-
 class InfoNCELoss(nn.Module):
     """InfoNCE of each query against its positive, its hard negatives and, when
     `in_batch_negatives`, every document of the global batch (other queries' positives and
@@ -42,8 +33,8 @@ class InfoNCELoss(nn.Module):
     Logits are cosine similarities / temperature, computed in fp32 whatever the input dtype
     (fp16 logits at temperature 0.05 lose the small differences the loss learns from).
 
-    Across processes (`gather_across_processes` and a process group of size W > 1), documents are
-    gathered with gradients and each rank scores its own B queries against all W*B*G documents,
+    Across processes (in-batch mode, `gather_across_processes`, a process group of size W > 1),
+    documents are gathered with gradients; each rank scores its own B queries against all W*B*G,
     returning the mean over its queries. No rescaling is needed to match one process on the
     joined batch: the gather's backward sums onto each rank's documents the gradient from every
     rank's loss, and DDP then averages over ranks, so the parameter gradient is
@@ -88,8 +79,9 @@ class InfoNCELoss(nn.Module):
                 logits = torch.einsum("bd,bgd->bg", queries, docs)                          # [B, G]
                 targets = torch.zeros_like(rows)                                            # [B]
             duplicates_positive = (pool_keys.unsqueeze(-1) == pos_keys.unsqueeze(1)).any(-1)  # [B, N|G]
-            duplicates_positive[rows, targets] = False      # the positive itself stays
-            logits = (logits / self.temperature).masked_fill(duplicates_positive, float("-inf"))
+            columns = torch.arange(logits.shape[1], device=logits.device)                    # [N|G]
+            false_negative = duplicates_positive & (columns != targets.unsqueeze(1))         # [B, N|G]
+            logits = (logits / self.temperature).masked_fill(false_negative, float("-inf"))
             return F.cross_entropy(logits, targets)
 
 
@@ -111,7 +103,7 @@ def _check_inputs(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torc
     if query_pos_keys.dtype != torch.int64 or query_pos_keys.dim() != 2 or query_pos_keys.shape[0] != batch:
         raise ValueError(f"query_pos_keys must be int64 [B={batch}, P] padded with -1, "
                          f"got {query_pos_keys.dtype} {tuple(query_pos_keys.shape)}")
-    if (doc_keys < 0).any():
+    if (doc_keys < 0).any():  # the one host-device sync of the loss
         raise ValueError("doc_keys must be >= 0 (negative values are reserved for query_pos_keys padding)")
 
 
@@ -158,7 +150,7 @@ class GradCache:
     The cost over the plain loss is step 1: one extra forward without activations kept.
 
     Every rank must run the same number of forwards and backwards (ZeRO-3 gathers parameters in
-    each, DDP broadcasts buffers; a rank that stops early deadlocks the others). The chunk counts
+    each: a rank that stops early deadlocks the others, FIELD.md). The chunk counts
     are therefore maxed over ranks with one all_reduce, and a rank short of chunks runs 1-row
     dummy chunks whose gradient is zero. Uneven local batches are thus fine for GradCache itself;
     an in-batch loss that gathers across processes still needs equal ones.
@@ -176,6 +168,8 @@ class GradCache:
         """Accumulate the loss's parameter gradients into `.grad` and return the loss (detached).
 
         encode: features of b rows -> [b, D] embeddings (the DDP-wrapped model, for DDP hooks).
+        It gets a copy of each chunk's dict: sentence-transformers modules write their outputs
+        into it, which would keep every chunk's token embeddings alive.
         query_features: B rows; doc_features: B*G rows, query-major (row b*G + g is doc_emb[b, g]);
         both on the model's device. backward: `accelerator.backward` for fp16 loss scaling.
         no_sync: e.g. `lambda: accelerator.no_sync(model)`; every chunk but the last re-encodes
@@ -210,7 +204,7 @@ class GradCache:
             is_last = i == len(jobs) - 1
             with contextlib.nullcontext() if is_last or no_sync is None else no_sync():
                 with rng.replay():
-                    emb = encode(chunk)                                          # [b, D]
+                    emb = encode(dict(chunk))                                    # [b, D]
                 backward(torch.dot(emb.float().flatten(), grad.flatten()))
         return loss.detach()
 
@@ -255,7 +249,7 @@ def _encode_without_graph(encode: Callable[[Features], torch.Tensor], chunks: li
         for chunk in chunks:
             rows = next(iter(chunk.values()))
             states.append(_RngState(rows.device))
-            emb = encode(chunk)
+            emb = encode(dict(chunk))
             if emb.dim() != 2 or emb.shape[0] != rows.shape[0]:
                 raise ValueError(f"GradCache: encode must return [{rows.shape[0]}, D], got {tuple(emb.shape)}")
             embeddings.append(emb)

@@ -30,15 +30,16 @@ ANSWER_SCHEMA = {
     "additionalProperties": False,
 }
 
-SYSTEM_PROMPT = "You write search queries for a search engine's test collection. You answer with JSON only."
+SYSTEM_PROMPT = "You write search queries for a search engine's test collection. {task} You answer with JSON only."
 
 DEFAULT_TASK = "Given a search query, retrieve documents from the collection that answer it."
 
+# The task goes in the system message, said once; the template is the user message, repeated for
+# the worked example, so every word of it costs prompt tokens twice.
 DEFAULT_TEMPLATE = (
-    "Task: {task}\n\n"
     "Document: {document}\n\n"
-    "Write {query_type} for which this document is the best search result. "
-    "Use your own words, at most {max_words} words, and never mention the document itself.\n"
+    "Write {query_type} that this document answers, in your own words, at most {max_words} words, "
+    "never mentioning the document.\n"
     'Answer as JSON: {{"query": "..."}}'
 )
 TEMPLATE_FIELDS = {"task", "document", "query_type", "max_words"}
@@ -69,6 +70,11 @@ EXAMPLE_DOCUMENT = (
 )
 
 
+def example_texts() -> list[str]:
+    """Everything the worked example shows, so answers that copy it can be filtered out."""
+    return [EXAMPLE_DOCUMENT, *(t.example_answer for t in QUERY_TYPES.values())]
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One generation request: chat messages plus the text that starts the assistant's answer."""
@@ -87,7 +93,7 @@ class PromptBuilder:
     """Builds the messages for (document, query type); everything it needs comes from the recipe."""
 
     def __init__(self, task: str = DEFAULT_TASK, template: str = "", few_shot: bool = True,
-                 max_words: int = 20, max_doc_words: int = 200):
+                 max_words: int = 24, max_doc_words: int = 160):
         self.template = template or DEFAULT_TEMPLATE
         check_template(self.template)
         self.task = task or DEFAULT_TASK
@@ -102,7 +108,7 @@ class PromptBuilder:
     def build(self, document: str, query_type: str) -> Prompt:
         if query_type not in QUERY_TYPES:
             raise ConfigError(f"unknown query type '{query_type}' (known: {', '.join(QUERY_TYPES)})")
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT.format(task=self.task)}]
         if self.few_shot:
             example = json.dumps({"query": QUERY_TYPES[query_type].example_answer})
             messages += [{"role": "user", "content": self.user_message(EXAMPLE_DOCUMENT, query_type)},
@@ -137,14 +143,35 @@ def render_chat(tokenizer, prompt: Prompt, with_prefix: bool = True) -> str:
     return text + (prompt.answer_prefix if with_prefix else "")
 
 
-_QUERY_STRING = re.compile(r'"query"\s*:\s*"((?:[^"\\]|\\.)*)(")?', re.S)
+def task_prompt(documents: list[str], max_doc_words: int = 60) -> Prompt:
+    """Ask the generator, once, what users would search this collection for (E5's brainstorm step)."""
+    shown = "\n".join(f"- {truncate_words(d, max_doc_words)}" for d in documents)
+    ask = ("Documents from a collection:\n{docs}\n\nIn one sentence, state the search task this collection "
+           "serves, starting with 'Given a'. Answer as JSON: {{\"task\": \"...\"}}")
+    example_docs = "\n".join(f"- {d}" for d in TASK_EXAMPLE_DOCUMENTS)
+    return Prompt([{"role": "system", "content": "You describe document collections. You answer with JSON only."},
+                   {"role": "user", "content": ask.format(docs=example_docs)},
+                   {"role": "assistant", "content": json.dumps({"task": TASK_EXAMPLE_ANSWER})},
+                   {"role": "user", "content": ask.format(docs=shown)}],
+                  answer_prefix='{"task": "')
 
 
-def parse_answer(text: str) -> ParsedAnswer:
+TASK_EXAMPLE_DOCUMENTS = (
+    "Lemon drizzle cake. Beat butter and sugar, fold in flour and lemon zest, bake 45 minutes at 180 C.",
+    "Quick tomato soup. Soften onions in olive oil, add canned tomatoes and stock, simmer and blend.",
+)
+TASK_EXAMPLE_ANSWER = "Given a cooking question, retrieve recipes that answer it."
+
+
+def _field_pattern(field: str) -> re.Pattern:
+    return re.compile(r'"' + re.escape(field) + r'"\s*:\s*"((?:[^"\\]|\\.)*)(")?', re.S)
+
+
+def parse_answer(text: str, field: str = "query") -> ParsedAnswer:
     """The query from a generator's answer, tolerating what small models do around the JSON.
 
     A complete object is read with a JSON decoder (text after it is ignored: models often go
-    on writing). Failing that, a closed `"query": "..."` string is salvaged from partial JSON;
+    on writing). Failing that, a closed `"<field>": "..."` string is salvaged from partial JSON;
     an unclosed one means the answer ran out of tokens (`truncated`).
     """
     start = text.find("{")
@@ -155,11 +182,11 @@ def parse_answer(text: str) -> ParsedAnswer:
     except json.JSONDecodeError:
         obj = None
     if isinstance(obj, dict):
-        query = obj.get("query")
+        query = obj.get(field)
         if not isinstance(query, str):
             return ParsedAnswer(None, "missing_query")
         return ParsedAnswer(query.strip(), None)
-    match = _QUERY_STRING.search(text, start)
+    match = _field_pattern(field).search(text, start)
     if match is None:
         return ParsedAnswer(None, "malformed_json")
     if match.group(2) is None:

@@ -92,8 +92,13 @@ def meta_text(query: str) -> Optional[str]:
     return None
 
 
-def check_text(query: Optional[str], document: str, settings: FilterSettings) -> Optional[str]:
-    """The first failed check that needs only this query and its document, or None."""
+def check_text(query: Optional[str], document: str, settings: FilterSettings,
+               prompt_texts: Sequence[str] = ()) -> Optional[str]:
+    """The first failed check that needs only this query and its document, or None.
+
+    `prompt_texts` are the prompt's worked example: a small generator often answers with the
+    example's query, or one about the example's topic, instead of one about its document.
+    """
     if query is None:
         return "malformed"
     n_words = len(words(query))
@@ -105,7 +110,8 @@ def check_text(query: Optional[str], document: str, settings: FilterSettings) ->
         return "too_long"
     if meta_text(query):
         return "meta_text"
-    if copy_overlap(query, document, settings.copy_ngram) > settings.max_copy_overlap:
+    if any(copy_overlap(query, text, settings.copy_ngram) > settings.max_copy_overlap
+           for text in (document, *prompt_texts)):
         return "copied"
     return None
 
@@ -166,21 +172,25 @@ class QueryFilter:
     uninterrupted one (the kept rows already on disk are registered first).
     """
 
-    def __init__(self, settings: FilterSettings, retrievers: Sequence = ()):
+    def __init__(self, settings: FilterSettings, retrievers: Sequence = (), prompt_texts: Sequence[str] = ()):
         if settings.round_trip != "none" and not retrievers:
             raise ValueError(f"round_trip={settings.round_trip} needs at least one retriever")
         if settings.round_trip_k > RANK_DEPTH:
             raise ValueError(f"round_trip_k must be <= {RANK_DEPTH}")
         self.settings = settings
         self.retrievers = list(retrievers)
+        self.prompt_texts = list(prompt_texts)
         self._kept: dict[str, object] = {}
 
     def register_kept(self, query: str, key) -> None:
         self._kept.setdefault(normalise(query), key)
 
+    def text_reason(self, query: Optional[str], document: str) -> Optional[str]:
+        return check_text(query, document, self.settings, self.prompt_texts)
+
     def check(self, keys: Sequence, queries: Sequence[Optional[str]], documents: Sequence[str],
               doc_rows: Sequence[int]) -> list[Verdict]:
-        reasons = [check_text(q, d, self.settings) for q, d in zip(queries, documents)]
+        reasons = [self.text_reason(q, d) for q, d in zip(queries, documents)]
         ranks = [{} for _ in queries]
         live = [i for i, r in enumerate(reasons) if r is None]
         if live:

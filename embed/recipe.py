@@ -72,14 +72,51 @@ class DataConfig:
 
 # ---------------------------------------------------------------- generation
 @dataclass
+class GenVllmConfig:
+    tensor_parallel_size: int = opt(1, "GPUs per engine (tensor parallel)")
+    data_parallel_size: int = opt(1, "independent engines, each on tensor_parallel_size GPUs")
+    gpu_memory_utilization: float = opt(0.9, "share of each GPU's memory vLLM may take")
+    max_model_len: int = opt(4096, "context length the engine reserves KV cache for")
+    enable_prefix_caching: bool = opt(True, "reuse the KV cache of the shared prompt prefix")
+
+
+@dataclass
+class GenOpenAIConfig:
+    api_base: str = opt("http://127.0.0.1:8000/v1", "OpenAI-compatible endpoint (a `vllm serve`, OpenRouter, ...)")
+    api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the key ('' = no key); never logged")
+    concurrency: int = opt(8, "requests in flight at once")
+    timeout_s: float = opt(60.0, "seconds per request")
+    max_retries: int = opt(5, "retries of a failed request (HTTP 429/5xx, network errors)")
+    backoff_s: float = opt(1.0, "first retry delay; doubles each retry")
+
+
+@dataclass
 class GenConfig:
     backend: Literal["transformers", "vllm", "openai"] = opt("transformers", "LLM backend")
-    model: str = opt("smollm2", "generator: 'smollm2' (bundled GGUF), a local folder or a hub id")
-    max_docs: int = opt(0, "generate for at most this many documents (0 = all)")
+    model: str = opt("smollm2", "generator: 'smollm2' (bundled GGUF), a .gguf file, a local folder or a hub id")
+    max_docs: int = opt(0, "generate for at most this many documents, a seeded random sample (0 = all)")
     queries_per_doc: int = opt(1, "samples drawn per document")
     batch_size: int = opt(16, "prompts per generate call")
-    max_new_tokens: int = opt(64, "generation budget per answer")
-    temperature: float = opt(0.7, "sampling temperature")
+    max_new_tokens: int = opt(48, "generation budget per answer")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = opt(0.95, "nucleus sampling")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "generator weights: auto = fp32 on CPU, bf16 on sm_80+, fp16 below")
+    trust_remote_code: bool = opt(False, "run code shipped with a hub generator")
+    query_types: list[str] = opt(["claim", "question", "keywords"], "query types, rotated over documents and samples: claim | question | keywords")
+    task: str = opt("", "retrieval task shown to the generator ('' = a generic one; 'auto' = brainstormed once by the generator, saved in run_dir/gen_task.json)")
+    prompt_template: str = opt("", "user message template with {task} {document} {query_type} {max_words} ('' = embed.prompts default)")
+    few_shot: bool = opt(True, "show one worked example first (small generators need it)")
+    max_doc_words: int = opt(160, "document words shown to the generator (prompt length drives CPU cost)")
+    structured_output: bool = opt(True, "vllm/openai: force the JSON answer with a JSON schema")
+    max_retries: int = opt(1, "regenerate unusable answers (not parseable, too short/long, meta-text, copied) this many times")
+    min_words: int = opt(3, "filter: shortest query kept")
+    max_words: int = opt(24, "filter: longest query kept (also the limit stated in the prompt)")
+    max_copy_overlap: float = opt(0.6, "filter: reject queries whose word n-grams are copied from the document above this share")
+    copy_ngram: int = opt(3, "filter: n of the copy check")
+    round_trip: Literal["none", "bm25", "model", "both", "either"] = opt("bm25", "filter: keep a query only if its document ranks in the top round_trip_k under BM25 / the base model (model.*)")
+    round_trip_k: int = opt(10, "filter: rank the source document must reach (<= 100)")
+    vllm: GenVllmConfig = opt(GenVllmConfig(), "vllm backend")
+    openai: GenOpenAIConfig = opt(GenOpenAIConfig(), "openai backend")
 
 
 # ---------------------------------------------------------------- mining

@@ -11,11 +11,15 @@ Usage:
     python scripts/eval_mteb.py RECIPE.yaml --push_to_hub user/my-domain-model
 
 Scores come from mteb's own evaluator (a local task for BEIR folders), so they are the
-leaderboard's numbers. Outputs: run_dir/eval/results/<model>/<revision>/<task>.json (mteb's results
-layout; revision = fingerprint of the weights, so a rerun reuses finished results and a trained
-model never reads its base model's cache), run_dir/eval/results.md (table), run_dir/eval/scores.png,
-run_dir/eval_summary.json (copied to run_dir/eval/), run_dir/model/README.md (model card, trained
-runs), run_dir/eval/submission/ (official-task results ready for a PR to embeddings-benchmark/results).
+leaderboard's numbers. Outputs:
+  run_dir/eval/results/<model>/<revision>/<task>.json  mteb's results layout; revision = fingerprint of
+      the model's settings and outputs, so a rerun reuses finished results and a trained model never
+      reads its base model's cache
+  run_dir/eval/results.md, run_dir/eval/scores.png     comparison table (with published figures), chart
+  run_dir/eval_summary.json (copy in run_dir/eval/)    ndcg_at_10 per dataset for each model, all metrics
+  run_dir/model/README.md                              model card with mteb metadata (trained runs)
+  run_dir/eval/submission/results/...                  official-task results, ready for a pull request
+                                                       to embeddings-benchmark/results
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from embed.config import ConfigError, build_config, parse_overrides, parse_recip
 from embed.data import write_json_atomic
 from embed.domain_analysis import format_report, headroom_by_task, load_published_results, tasks_without_results
 from embed.evaluation import (PUBLISHED_NAMES, default_model_name, embedding_dim, evaluate_model, is_local_task,
-                              model_fingerprint, resolve_eval_tasks, task_label)
+                              model_fingerprint, resolve_eval_tasks, task_label, task_splits)
 from embed.leaderboard import bar_chart, model_card, prepare_submission, push_to_hub, results_table
 from embed.model import EmbeddingModel, load_from_config
 from embed.recipe import Recipe
@@ -47,7 +51,8 @@ def parse_script_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--data", action="append", help="BEIR folder or MTEB task/benchmark (repeatable)")
     parser.add_argument("--analyze", metavar="BENCHMARK", help="rank the benchmark's tasks by headroom")
     parser.add_argument("--results_dir", help="--analyze offline: a folder in mteb's results-repo layout")
-    parser.add_argument("--small_params", type=float, default=1e9, help="--analyze: 'small' = at most this many parameters")
+    parser.add_argument("--small_params", type=float, default=1e9,
+                        help="--analyze: 'small' = at most this many parameters")
     parser.add_argument("--top", type=int, default=3, help="--analyze: number of recommended targets")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload run_dir/model and its card (needs HF_TOKEN)")
     flags, rest = parser.parse_known_args(argv)
@@ -95,12 +100,14 @@ def main():
     # ------------------------------------------------------------------ data (all targets before any model)
     tasks = resolve_eval_tasks(cfg.data.eval, cfg.data.eval_split)
     labels = [task_label(t) for t in tasks]
+    splits = {task_label(t): task_splits(t) for t in tasks}
     print(f"eval targets: {', '.join(labels)}")
 
     # ------------------------------------------------------------------ models: name and how to load each
     def load_trained():
-        return EmbeddingModel.from_pretrained(str(run_dir / "model"), attn_implementation=cfg.model.attn_implementation,
-                                              dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        return EmbeddingModel.from_pretrained(
+            str(run_dir / "model"), attn_implementation=cfg.model.attn_implementation, dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code)
 
     if with_recipe:
         if not (run_dir / "model").is_dir():
@@ -124,14 +131,15 @@ def main():
         identities[role] = {"name": name, "revision": revision, "query_prompt": model.query_prompt,
                             "document_prompt": model.document_prompt}
         print(f"[{role}] {name} (revision {revision})")
+        matryoshka_dims = [] if role == "base" else cfg.model.matryoshka_dims
+        full_dim = embedding_dim(model)
+        if any(dim >= full_dim for dim in matryoshka_dims):
+            raise ConfigError(f"key 'model.matryoshka_dims': {matryoshka_dims} must all be below the "
+                              f"embedding size {full_dim}")
         metrics[role] = evaluate_model(model, tasks, name=name, revision=revision, results_dir=eval_dir,
                                        batch_size=cfg.eval.batch_size, show_progress=True)
         scores[role] = {d: m["main_score"] for d, m in metrics[role].items()}
-        matryoshka_dims = [] if role == "base" else cfg.model.matryoshka_dims
-        full_dim = embedding_dim(model)
         for dim in matryoshka_dims:
-            if dim >= full_dim:
-                raise ConfigError(f"key 'model.matryoshka_dims': {dim} is not below the embedding size {full_dim}")
             truncated = evaluate_model(model, tasks, name=name, revision=revision, results_dir=eval_dir,
                                        batch_size=cfg.eval.batch_size, dim=dim, show_progress=True)
             matryoshka[str(dim)] = {d: {role: m["main_score"]} for d, m in truncated.items()}
@@ -150,15 +158,16 @@ def main():
         for d, by_role in by_dataset.items():
             for role, value in by_role.items():
                 table_scores[role][f"{d} ({dim}d)"] = value
-    table = results_table(table_scores, roles, cfg.data.eval_split)
+                splits[f"{d} ({dim}d)"] = splits[d]
+    table = results_table(table_scores, roles, splits)
     eval_dir.mkdir(parents=True, exist_ok=True)
     (eval_dir / "results.md").write_text(table, encoding="utf-8")
     bar_chart(table_scores, roles, eval_dir / "scores.png")
     print("\n" + table)
     summary = {
-        "split": cfg.data.eval_split, "datasets": labels, "models": identities,
-        "ndcg_at_10": {d: {role: metrics[role][d]["ndcg_at_10"] for role in models if "ndcg_at_10" in metrics[role][d]}
-                       for d in labels},
+        "datasets": labels, "splits": {d: splits[d] for d in labels}, "models": identities,
+        "ndcg_at_10": {d: {role: metrics[role][d]["ndcg_at_10"] for role in models
+                           if "ndcg_at_10" in metrics[role][d]} for d in labels},
         "main_score": {d: {role: scores[role][d] for role in models} for d in labels},
         "matryoshka_main_score": matryoshka,
         "metrics": metrics, "timings_s": timings,
@@ -167,7 +176,7 @@ def main():
     write_json_atomic(run_dir / "eval_summary.json", summary)
     shutil.copy2(run_dir / "eval_summary.json", eval_dir / "eval_summary.json")
 
-    # ------------------------------------------------------------------ leaderboard: model card, results PR folder, upload
+    # ------------------------------------------------------------------ leaderboard: card, results PR folder, upload
     if not with_recipe:
         return
     trained = identities["trained"]

@@ -110,7 +110,8 @@ def main():
     })
     write_json_atomic(run_dir / "mine_summary.json", summary)
     plot_scores(run_dir / "mine_scores.png", pos_scores, neg_scores,
-                f"{teacher_name}: relative margin {mc.relative_margin}, absolute margin {mc.absolute_margin}")
+                f"{teacher_name}: relative margin {'off' if mc.relative_margin is None else mc.relative_margin}, "
+                f"absolute margin {'off' if mc.absolute_margin is None else mc.absolute_margin}")
     output.cleanup()
     log(f"wrote {output.final}: {summary['queries_mined']} queries, {summary['negatives_per_query_mean']} negatives "
         f"per query, {summary['queries_short_of_negatives']} short | drops {summary['drops_per_rule']} | "

@@ -16,12 +16,12 @@ import random
 import shutil
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -259,13 +259,29 @@ def _train_step(accelerator, model, raw_model, loss_fn, groups, stage, tc) -> fl
         from embed.loss import GradCache
 
         cache = GradCache(loss_fn, chunk_size=tc.gradcache_chunk_size)
-        return float(cache.step(model, q_feat, d_feat, doc_keys, pos_keys, group_size=G,
-                                backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model)))
+        return float(cache(model, q_feat, d_feat, doc_keys, pos_keys, backward=accelerator.backward,
+                           no_sync=lambda: _defer_gradient_sync(accelerator, model)))
     q = model(q_feat)                                   # [B, D]
     d = model(d_feat).view(B, G, -1)                    # [B, G, D]
     loss = loss_fn(q, d, doc_keys, pos_keys)
     accelerator.backward(loss)
     return loss.item()
+
+
+@contextmanager
+def _defer_gradient_sync(accelerator, model):
+    """GradCache's chunks before the last: no gradient all-reduce (DDP) and no optimizer step
+    (DeepSpeed's backward steps whenever sync_gradients is set; its no_sync is a no-op)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        previous = accelerator.sync_gradients
+        accelerator.gradient_state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(previous)
+    else:
+        with accelerator.no_sync(model):
+            yield
 
 
 def _with_in_batch(loss_fn, in_batch: bool):

@@ -176,6 +176,14 @@ def test_two_models_in_one_cache_folder_each_get_their_own_scores(two_models, tm
     assert trapped["tiny_beir"]["ndcg_at_10"] == pytest.approx(uncached[0])
 
 
+def test_fingerprint_is_stable_across_loads_and_tracks_settings(tmp_path):
+    folder = str(make_tiny_bert(tmp_path / "model", seed=0))  # no pooler weights: BERT re-inits them per load
+    first, second = (EmbeddingModel.from_pretrained(folder) for _ in range(2))
+    assert model_fingerprint(first) == model_fingerprint(second)  # a rerun finds its cached results
+    prompted = EmbeddingModel.from_pretrained(folder, query_prompt="query: ")
+    assert model_fingerprint(prompted) != model_fingerprint(first)
+
+
 def test_changed_folder_is_not_answered_from_the_cache(tmp_path):
     shutil.copytree(TINY_BEIR, tmp_path / "beir")
     kwargs = dict(name="bow", revision="r1", results_dir=tmp_path / "eval")
@@ -188,7 +196,7 @@ def test_changed_folder_is_not_answered_from_the_cache(tmp_path):
 # ---------------------------------------------------------------- leaderboard files
 def test_results_table_has_delta_and_published_references_with_source():
     table = results_table({"base": {"scifact": 0.6451}, "trained": {"scifact": 0.7012}},
-                          {"base": "sentence-transformers/all-MiniLM-L6-v2", "trained": "local/run"}, "test")
+                          {"base": "sentence-transformers/all-MiniLM-L6-v2", "trained": "local/run"}, {"scifact": "test"})
     header, _, row = table.splitlines()[:3]
     assert header.startswith("| dataset | split | base | trained | Δ | BM25s | all-MiniLM-L6-v2")
     assert row.startswith("| scifact | test | 64.51 | 70.12 | +5.61 | 68.7 | 64.5 | 71.3 | 74.4 | 76.4 | 80.1 |")
@@ -242,13 +250,14 @@ def test_trained_run_writes_table_chart_summary_and_card(tmp_path, monkeypatch, 
     summary = json.loads((run_dir / "eval_summary.json").read_text())
     assert summary == json.loads((eval_dir / "eval_summary.json").read_text())
     ndcg = summary["ndcg_at_10"]["tiny_beir"]
-    assert ndcg["base"] == pytest.approx(evaluate_beir(EmbeddingModel.from_pretrained(str(base)), str(TINY_BEIR))["ndcg_at_10"])
-    assert ndcg["trained"] == pytest.approx(evaluate_beir(EmbeddingModel.from_pretrained(str(run_dir / "model")), str(TINY_BEIR))["ndcg_at_10"])
+    for role, folder in (("base", base), ("trained", run_dir / "model")):
+        expected = evaluate_beir(EmbeddingModel.from_pretrained(str(folder)), str(TINY_BEIR))["ndcg_at_10"]
+        assert ndcg[role] == pytest.approx(expected)
     assert summary["models"]["trained"]["name"] == "user/tiny-domain"
     assert set(summary["matryoshka_main_score"]["16"]["tiny_beir"]) == {"trained"}
     card = (run_dir / "model" / "README.md").read_text()
     assert card.startswith("---\n") and "model-index:" in card and "- mteb" in card and "ndcg_at_10" in card
-    assert (eval_dir / "results" / "user__tiny-domain").is_dir() and (eval_dir / "results" / "local__base").is_dir()
+    assert sorted(p.name for p in (eval_dir / "results").iterdir()) == ["local__base", "user__tiny-domain"]
     assert not (eval_dir / "submission").exists()  # a local folder is not a leaderboard task
     assert "| tiny_beir | test |" in capsys.readouterr().out
 
@@ -257,7 +266,8 @@ def test_one_model_without_recipe(tmp_path, monkeypatch, tiny_bert_dir):
     _run_script(monkeypatch, "--model", tiny_bert_dir, "--data", TINY_BEIR, "--run_dir", tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "eval_summary.json").read_text())
     assert list(summary["ndcg_at_10"]["tiny_beir"]) == ["model"]
-    assert (tmp_path / "run" / "eval" / "results.md").is_file() and (tmp_path / "run" / "eval" / "scores.png").is_file()
+    assert (tmp_path / "run" / "eval" / "results.md").is_file()
+    assert (tmp_path / "run" / "eval" / "scores.png").is_file()
     saved = yaml.safe_load((tmp_path / "run" / "eval_config.yaml").read_text())
     assert saved["data"]["eval"] == [str(TINY_BEIR)] and saved["model"]["name_or_path"] == str(tiny_bert_dir)
 

@@ -15,6 +15,16 @@ from test_loss_distributed import run_processes
 GROUP, SEED = 3, 1234
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 32-wide BERT gains nothing from threads, and on a shared 2-core machine OpenMP threads
+    spinning against other processes make each step 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class MeanPoolBert(nn.Module):
     """A tiny random BERT with mean pooling and unit-length output; dropout 0.1 (on in train mode)."""
 
@@ -92,11 +102,21 @@ LOSSES = {
 }
 
 
+def to_device(batch, device):
+    return tuple({k: v.to(device) for k, v in t.items()} if isinstance(t, dict) else t.to(device) for t in batch)
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+
+
 # 5 queries and 15 docs: chunks of 2 and 4 leave a ragged last chunk; 100 is one chunk (no chunking).
+# On CUDA the replay must restore the GPU generator that dropout draws from.
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("loss_name, chunk_size", [
     ("in_batch", 2), ("in_batch", 100), ("own_group_only", 4), ("matryoshka", 4)])
-def test_gradcache_equals_plain_loss_with_dropout(loss_name, chunk_size):
-    model, batch = MeanPoolBert().train(), make_batch(5)
+def test_gradcache_equals_plain_loss_with_dropout(loss_name, chunk_size, device):
+    model, batch = MeanPoolBert().train().to(device), to_device(make_batch(5), device)
     plain_loss = plain_step(model, LOSSES[loss_name](), *batch, chunk_size)
     plain_grads = grads(model)
     cached_loss = gradcache_step(model, LOSSES[loss_name](), batch, chunk_size)
@@ -105,9 +125,10 @@ def test_gradcache_equals_plain_loss_with_dropout(loss_name, chunk_size):
     assert_grads_close(grads(model), plain_grads)
 
 
-def test_dropout_is_active_so_the_replay_matters():
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_dropout_is_active_so_the_replay_matters(device):
     """Control: another seed gives other dropout masks and visibly other gradients."""
-    model, batch = MeanPoolBert().train(), make_batch(5)
+    model, batch = MeanPoolBert().train().to(device), to_device(make_batch(5), device)
     plain_step(model, InfoNCELoss(), *batch, 2)
     reference = grads(model)
     torch.manual_seed(SEED + 1)
@@ -171,8 +192,8 @@ def _two_process_checks(rank, world):
 
     # 3. Uneven local batches (2 vs 4 queries, no gather): the short rank pads with dummy chunks.
     #    Still dropout off: a dummy forward draws random numbers that the plain step does not.
-    #    The plain reference runs outside DDP (its own forward counts differ: DDP would hang too)
-    #    and averages gradients by hand, as DDP does.
+    #    The plain reference runs outside DDP (its forward counts differ between ranks, which
+    #    hangs DDP) and averages gradients by hand, as DDP does.
     batch = make_batch(2 + 2 * rank, seed=20 + rank)
     plain_step(model.module, InfoNCELoss(in_batch_negatives=False), *batch, 3)
     plain_grads = grads(model)
@@ -191,5 +212,6 @@ def _two_process_checks(rank, world):
     assert backward_calls.item() == 2 + 4         # rank 1: ceil(4/3) + ceil(12/3) chunks, on both ranks
 
 
+@pytest.mark.slow
 def test_gradcache_in_two_processes():
     run_processes(_two_process_checks)

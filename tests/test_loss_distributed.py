@@ -91,5 +91,6 @@ def _compare_with_joined_batch(rank, world):
             assert max((g - r).abs().max() for g, r in zip(local_only, ref_grads)) > 1e-3, name
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_joined_batch():
     run_processes(_compare_with_joined_batch)

@@ -1,0 +1,83 @@
+"""Query-generation throughput here: the transformers backend with the bundled SmolLM2, batched vs one at a time.
+
+Usage:
+    python bench/bench_gen.py [--corpus ../shared/data/scifact] [--batch 16] [--single 4] [--dtype float32]
+
+Both modes build the same prompts (recipe defaults) from the first documents of the corpus and
+sample with the same settings; one-at-a-time runs the first `--single` of them alone. A warm-up
+call runs first so one-time costs are not counted. Prints one JSON object: queries/s of each
+mode, their ratio, and documents/min at the batched rate (one query per document).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from embed.data import load_corpus
+from embed.llm_backends import Sampling, TransformersBackend
+from embed.prompts import PromptBuilder, parse_answer
+from embed.recipe import GenConfig
+
+
+def timed(backend, prompts, seed) -> tuple[float, list[str]]:
+    start = time.perf_counter()
+    answers = backend.generate(prompts, seed)
+    return time.perf_counter() - start, answers
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="../shared/data/scifact")
+    parser.add_argument("--batch", type=int, default=16, help="prompts in the batched call")
+    parser.add_argument("--single", type=int, default=4, help="prompts generated one at a time")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--max_doc_words", type=int, default=GenConfig.max_doc_words)
+    args = parser.parse_args()
+
+    # ------------------------------------------------------------------ setup
+    defaults = GenConfig()
+    corpus = load_corpus(args.corpus)
+    start = time.perf_counter()
+    backend = TransformersBackend("smollm2", Sampling(defaults.max_new_tokens, defaults.temperature, defaults.top_p),
+                                  dtype=args.dtype)
+    load_s = time.perf_counter() - start
+    builder = PromptBuilder(max_words=defaults.max_words, max_doc_words=args.max_doc_words)
+    types = defaults.query_types
+    prompts = [builder.build(corpus.doc_text(i), types[i % len(types)]) for i in range(args.batch)]
+    backend.generate(prompts[:2], seed=0)  # warm-up: allocator, kernels, stop-string tables
+
+    # ------------------------------------------------------------------ measure
+    batched_s, batched = timed(backend, prompts, seed=1)
+    single_s, single = 0.0, []
+    for i, prompt in enumerate(prompts[:args.single]):
+        seconds, answer = timed(backend, [prompt], seed=1 + i)
+        single_s += seconds
+        single += answer
+
+    # ------------------------------------------------------------------ report
+    batched_qps, single_qps = len(prompts) / batched_s, len(single) / single_s
+    print(json.dumps({
+        "bench": "gen_transformers_batched_vs_single", "generator": "smollm2 (bundled GGUF, dequantised)",
+        "dtype": str(backend.dtype).removeprefix("torch."), "device": backend.device,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "load_s": round(load_s, 1),
+        "prompt_tokens_mean": round(sum(len(backend.tokenizer(backend.tokenizer.apply_chat_template(
+            p.messages, tokenize=False, add_generation_prompt=True)).input_ids) for p in prompts) / len(prompts)),
+        "max_new_tokens": defaults.max_new_tokens, "max_doc_words": args.max_doc_words,
+        "batched": {"queries": len(prompts), "seconds": round(batched_s, 2), "queries_per_s": round(batched_qps, 3),
+                    "parsed": sum(parse_answer(a).query is not None for a in batched)},
+        "one_at_a_time": {"queries": len(single), "seconds": round(single_s, 2), "queries_per_s": round(single_qps, 3),
+                          "parsed": sum(parse_answer(a).query is not None for a in single)},
+        "ratio": round(batched_qps / single_qps, 2),
+        "docs_per_min_batched": round(60 * batched_qps, 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
