@@ -15,7 +15,8 @@ loses that part alone; what it measured before a kill is kept):
 proves the script works before a GPU is at hand).
 
 Writes DIR/gpu_check.json (rewritten after every part: a killed run still leaves a report) and
-DIR/gpu_check.log (every part's output); prints a summary last. Exit status 1 if a part failed.
+DIR/gpu_check.log (every part's output); prints a summary last. Exit status 1 if a part failed
+or one of its checks (results.checks: finite losses, memory budgets, MFU goal, exact search) is false.
 """
 from __future__ import annotations
 
@@ -62,12 +63,12 @@ VERSIONED_PACKAGES = ["torch", "transformers", "accelerate", "peft", "sentence-t
 
 
 # ---------------------------------------------------------------- running one part
-def run_part(command: list[str], timeout_s: float, output_path: Path, env: dict) -> tuple[int | None, float]:
-    """Run `command` in its own process group with output to `output_path`; kill the group at
+def run_part(command: list[str], timeout_s: float, log_path: Path, env: dict) -> tuple[int | None, float]:
+    """Run `command` in its own process group, its output appended to `log_path`; kill the group at
     `timeout_s` (torch.compile's worker processes included). Returns (exit code or None if killed, seconds)."""
     start = time.monotonic()
-    with open(output_path, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             return process.wait(timeout=timeout_s), time.monotonic() - start
         except subprocess.TimeoutExpired:
@@ -80,7 +81,8 @@ def part_entry(returncode: int | None, seconds: float, timeout_s: float, report:
     """The report's record of one part: status ok / partial / skipped / error / timeout, and its results."""
     results = report.get("results", {})
     failed = [key for key, value in results.items() if isinstance(value, dict) and "error" in value]
-    entry = {"seconds": round(seconds, 1), "time_limit_s": round(timeout_s), "results": results}
+    entry = {"seconds": round(seconds, 1), "time_limit_s": round(timeout_s), "results": results,
+             "failed_checks": [name for name, passed in results.get("checks", {}).items() if passed is False]}
     if returncode is None:
         entry.update(status="timeout", error=f"killed at its time limit of {timeout_s:.0f} s; results so far kept")
     elif returncode != 0:
@@ -157,8 +159,20 @@ def headline(letter: str, entry: dict) -> str:
         return (f"torch: {get('torch', 'queries_per_s')} q/s, recall {get('torch', 'recall_at_k_vs_fp32')} | faiss: "
                 f"{get('faiss', 'skipped') or get('faiss', 'queries_per_s')}")
     if letter == "e":
-        return entry.get("skipped") or f"zero2: losses finite={get('zero2', 'losses_finite')}, peak={get('zero2', 'peak_allocated_gb')} GB"
+        return f"zero2: losses finite={get('zero2', 'losses_finite')}, peak={get('zero2', 'peak_allocated_gb')} GB"
     return ""
+
+
+def summary_line(letter: str, entry: dict) -> str:
+    if entry.get("error") or entry.get("skipped"):
+        return f"{entry['status']}: {entry.get('error') or entry['skipped']}"
+    failed = f" | failed: {', '.join(entry['failed'])}" if entry.get("failed") else ""
+    if entry.get("failed_checks"):
+        failed += f" | CHECKS FAILED: {', '.join(entry['failed_checks'])}"
+    try:
+        return f"{entry['status']}: {headline(letter, entry)}{failed}"
+    except (KeyError, TypeError, ValueError) as e:  # a malformed result must not lose the report
+        return f"{entry['status']}: (no summary: {type(e).__name__} {e})"
 
 
 # ---------------------------------------------------------------- main
@@ -200,34 +214,36 @@ def main() -> int:
                                               "skipped": f"not started: {max(left, 0):.0f} s left of the {budget:.0f} s budget"}
                 write_json_atomic(report_path, report)
                 continue
-            result_path, output_path = Path(scratch) / f"{spec.letter}.json", Path(scratch) / f"{spec.letter}.log"
+            result_path = Path(scratch) / f"{spec.letter}.json"
             command = [sys.executable, str(BENCH / spec.script), "--result", str(result_path),
                        "--seconds", str(max(timeout - (2 if args.dry else EXIT_MARGIN_S), 1))]
             if args.dry:
                 command.append("--dry")
             print(f"[{spec.letter}] {spec.name}: up to {timeout:.0f} s ...", flush=True)
-            returncode, seconds = run_part(command, timeout, output_path, env)
-            output = output_path.read_text(errors="replace")
             with open(log_path, "a") as log:
-                log.write(f"\n===== [{spec.letter}] {spec.name} ({seconds:.1f} s, exit {returncode}) =====\n{output}")
+                log.write(f"\n===== [{spec.letter}] {spec.name}: {' '.join(command)}\n")
+            log_offset = log_path.stat().st_size
+            returncode, seconds = run_part(command, timeout, log_path, env)
+            with open(log_path, "a") as log:
+                log.write(f"===== [{spec.letter}] {spec.name} ({seconds:.1f} s, exit {returncode})\n")
+            with open(log_path, "rb") as log:
+                log.seek(log_offset)
+                output_tail = "\n".join(log.read().decode(errors="replace").splitlines()[-25:])
             part_report = json.loads(result_path.read_text()) if result_path.exists() else {}
-            entry = part_entry(returncode, seconds, timeout, part_report, "\n".join(output.splitlines()[-25:]))
-            report["parts"][spec.name] = entry
+            report["parts"][spec.name] = entry = part_entry(returncode, seconds, timeout, part_report, output_tail)
             report["total_seconds"] = round(time.monotonic() - start, 1)
             write_json_atomic(report_path, report)
-            print(f"[{spec.letter}] {entry['status']} in {seconds:.0f} s: {entry.get('error') or headline(spec.letter, entry)}",
-                  flush=True)
+            print(f"[{spec.letter}] {summary_line(spec.letter, entry)} ({seconds:.0f} s)", flush=True)
 
     # ------------------------------------------------------------ summary
-    report["summary"] = {spec.name: f"{report['parts'][spec.name]['status']}: "
-                                    f"{report['parts'][spec.name].get('error') or headline(spec.letter, report['parts'][spec.name])}"
-                         for spec in selected}
+    report["summary"] = {spec.name: summary_line(spec.letter, report["parts"][spec.name]) for spec in selected}
     report["total_seconds"] = round(time.monotonic() - start, 1)
     write_json_atomic(report_path, report)
     print(f"\n===== summary ({report['total_seconds']:.0f} s; {report_path}) =====")
     for name, line in report["summary"].items():
         print(f"{name:28s} {line}")
-    failed = [name for name, entry in report["parts"].items() if entry["status"] in ("error", "timeout", "partial")]
+    failed = [name for name, entry in report["parts"].items()
+              if entry["status"] in ("error", "timeout", "partial") or entry.get("failed_checks")]
     return 1 if failed else 0
 
 

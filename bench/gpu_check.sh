@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU performance check (issue 8): bench/gpu_check.py's parts (a)-(e), one command, no network.
 #
-#   bash bench/gpu_check.sh            # on a GPU machine, <= 8 min on one H100 (about 5)
+#   bash bench/gpu_check.sh            # on a GPU machine: a 6-minute budget (est. 3-5 min on one H100)
 #   bash bench/gpu_check.sh --dry      # toy sizes on CPU in about a minute: proves the script works
 #   OUT=/some/dir bash bench/gpu_check.sh --parts ad    # more options: python bench/gpu_check.py --help
 #

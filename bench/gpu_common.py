@@ -58,6 +58,16 @@ class Part:
         self.report["skipped"] = reason
         write_json_atomic(self.result_path, self.report)
 
+    def field(self, key: str, name: str):
+        """results[key][name], or None when that measurement failed or did not run."""
+        value = self.report["results"].get(key)
+        return value.get(name) if isinstance(value, dict) else None
+
+    def check(self, name: str, passed: bool | None) -> None:
+        """A pass/fail criterion of this part; None: not measurable here (GPU memory on a CPU run)."""
+        self.report["results"].setdefault("checks", {})[name] = passed
+        write_json_atomic(self.result_path, self.report)
+
     def seconds_left(self) -> float:
         return self.deadline - time.monotonic()
 

@@ -199,6 +199,10 @@ def run(part: Part) -> None:
     else:
         part.attempt("qlora", lambda: qlora_run(part, sizes), needs_seconds=40)
     part.put("budget_gb", T4_BUDGET_GB)
+    part.check("bidirectional_all_ok", part.field("bidirectional", "all_ok"))
+    for run_name in ("lora", "qlora"):
+        part.check(f"{run_name}_losses_finite", part.field(run_name, "losses_finite"))
+        part.check(f"{run_name}_within_14gb", part.field(run_name, "within_t4_budget_14gb"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from gpu_common import (BGE_BASE, GB, TINY_BERT, Part, adamw, all_finite, autocast, contrastive_batch, part_main,
+from gpu_common import (BGE_BASE, TINY_BERT, Part, adamw, all_finite, autocast, contrastive_batch, part_main,
                         peak_memory, reset_peak_memory, synchronize)
 from gpu_throughput import bert_embedding_model
 
@@ -109,6 +109,9 @@ def run(part: Part) -> None:
     part.attempt("checkpointing_only", lambda: fp16_steps(part, sizes, gradcache=False, steps=2),
                  needs_seconds=0 if part.dry else 10)
     part.put("budget_gb", T4_BUDGET_GB)
+    for run_name in ("gradcache", "checkpointing_only"):
+        part.check(f"{run_name}_finite", part.field(run_name, "finite"))
+        part.check(f"{run_name}_within_14gb", part.field(run_name, "within_t4_budget_14gb"))
 
 
 if __name__ == "__main__":

@@ -113,6 +113,9 @@ def run(part: Part) -> None:
                         "settings": {"index": "flat", "gpu": num_gpus() > 0, "via": "embed.dense_index.DenseIndex"}}
 
             part.attempt("faiss", faiss_run)
+    for method in ("torch", "faiss"):
+        found_recall = part.field(method, "recall_at_k_vs_fp32")
+        part.check(f"{method}_exact", None if found_recall is None else found_recall >= 0.999)
 
 
 if __name__ == "__main__":

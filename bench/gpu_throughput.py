@@ -83,7 +83,7 @@ def matmul_ceiling(device: torch.device, size: int, repeats: int = 10) -> dict:
             seconds.append(time.perf_counter() - start_time)
     median = statistics.median(seconds)
     return {"size": size, "dtype": "bfloat16", "repeats": repeats, "median_ms": round(median * 1e3, 3),
-            "tflops": round(2 * size ** 3 / median / 1e12, 1)}
+            "tflops": float(f"{2 * size ** 3 / median / 1e12:.4g}")}  # 4 digits: > 0 even on a slow CPU
 
 
 def measure_variant(part: Part, sizes: dict, variant: str, ceiling_tflops: float, datasheet: float | None) -> dict:
@@ -162,6 +162,8 @@ def run(part: Part) -> None:
                           "meets_goal_40pct_of_datasheet": None if best["mfu_vs_datasheet"] is None
                           else best["mfu_vs_datasheet"] >= MFU_GOAL,
                           "meets_goal_40pct_of_matmul": best["mfu_vs_measured_matmul"] >= MFU_GOAL})
+        part.check("mfu_at_least_40pct_of_datasheet", part.field("best", "meets_goal_40pct_of_datasheet"))
+        part.check("losses_finite", all(r["losses_finite"] for r in measured.values()))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def run(part: Part) -> None:
         part.skip("deepspeed is not importable here")
         return
     part.attempt("zero2", lambda: zero2_steps(part, DRY if part.dry else FULL))
+    part.check("zero2_losses_finite", part.field("zero2", "losses_finite"))
 
 
 if __name__ == "__main__":

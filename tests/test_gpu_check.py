@@ -35,7 +35,7 @@ def numbers(value):
 
 @pytest.mark.slow
 def test_dry_run_reports_every_part(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -47,6 +47,7 @@ def test_dry_run_reports_every_part(tmp_path):
     for name, entry in report["parts"].items():
         assert entry["status"] in ("ok", "skipped"), (name, entry)
         assert entry["results"] or entry["skipped"], name
+        assert not entry.get("failed_checks"), (name, entry.get("failed_checks"))
         assert all(math.isfinite(x) for x in numbers(entry["results"])), name
         assert f"] {name} (" in log
     assert set(report["summary"]) == set(PART_NAMES)
@@ -58,6 +59,7 @@ def test_dry_run_reports_every_part(tmp_path):
         assert 0 < a[variant]["mfu_vs_measured_matmul"]
     assert a["compiled_autocast"]["dynamo_unique_graphs"] == 1  # one graph serves every layer
     assert a["best"]["variant"] in a
+    assert a["checks"] == {"mfu_at_least_40pct_of_datasheet": None, "losses_finite": True}  # no datasheet peak for a CPU
 
     b = report["parts"]["b_fp16_t4_recipe"]["results"]
     assert b["gradcache"]["finite"] and b["checkpointing_only"]["finite"]
@@ -67,9 +69,10 @@ def test_dry_run_reports_every_part(tmp_path):
     assert c["bidirectional"]["all_ok"] and len(c["bidirectional"]["cases"]) == 6
     assert c["lora"]["losses_finite"] and c["lora"]["steps_per_s"] > 0
     assert c["qlora"]["skipped"]  # CPU: bitsandbytes 4-bit needs CUDA
+    assert c["checks"]["bidirectional_all_ok"] and c["checks"]["lora_within_14gb"] is None  # no GPU memory on CPU
 
     d = report["parts"]["d_exact_topk_search"]["results"]
-    assert d["torch"]["recall_at_k_vs_fp32"] == 1.0 and d["torch"]["queries_per_s"] > 0
+    assert d["torch"]["recall_at_k_vs_fp32"] == 1.0 and d["torch"]["queries_per_s"] > 0 and d["checks"]["torch_exact"]
     assert "skipped" in d["faiss"] or d["faiss"]["recall_at_k_vs_fp32"] == 1.0
 
     e = report["parts"]["e_deepspeed_zero2"]
@@ -98,9 +101,11 @@ def test_a_part_past_its_time_limit_is_killed(tmp_path):
     from gpu_check import part_entry, run_part
 
     start = time.monotonic()
-    returncode, seconds = run_part([sys.executable, "-c", "import time; time.sleep(60)"], 1.0,
-                                   tmp_path / "out.log", dict(os.environ))
+    log = tmp_path / "out.log"
+    returncode, seconds = run_part([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
+                                   5.0, log, dict(os.environ))
     assert returncode is None and seconds < 30 and time.monotonic() - start < 30
+    assert "started" in log.read_text()
     entry = part_entry(None, seconds, 1.0, {"results": {"first": {"x": 1}}}, "tail")
     assert entry["status"] == "timeout" and entry["results"] == {"first": {"x": 1}}  # what it finished is kept
 
@@ -115,3 +120,33 @@ def test_part_statuses():
     crashed = part_entry(1, 1, 10, {"results": {}, "error": "ImportError: x"}, "")
     assert crashed["status"] == "error" and crashed["error"] == "ImportError: x"
     assert part_entry(0, 1, 10, {}, "")["status"] == "error"  # nothing written is not a success
+
+
+FAKE_PART = """
+import json, sys, time
+result = sys.argv[sys.argv.index("--result") + 1]
+json.dump({{"results": {{"first": {{"value": 1.5}}}}}}, open(result, "w"))
+print("fake part running", flush=True)
+{action}
+"""
+
+
+def test_a_crashing_or_hanging_part_loses_only_itself(tmp_path, monkeypatch, capsys):
+    import gpu_check
+
+    scripts = {}
+    for letter, action in {"x": "raise RuntimeError('boom')", "y": "time.sleep(60)", "z": "pass"}.items():
+        scripts[letter] = tmp_path / f"{letter}.py"
+        scripts[letter].write_text(FAKE_PART.format(action=action))
+    monkeypatch.setattr(gpu_check, "PARTS", [gpu_check.PartSpec(letter, f"{letter}_part", str(path), 5, 1)
+                                             for letter, path in scripts.items()])
+    monkeypatch.setattr(gpu_check, "DRY_LIMIT_S", 5)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(tmp_path / "out"), "--dry", "--parts", "xyz"])
+    assert gpu_check.main() == 1  # a part failed
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    crashed, hung, fine = (report["parts"][f"{letter}_part"] for letter in "xyz")
+    assert crashed["status"] == "error" and "RuntimeError: boom" in crashed["output_tail"]
+    assert hung["status"] == "timeout" and hung["results"] == {"first": {"value": 1.5}}
+    assert fine["status"] == "ok" and fine["results"] == {"first": {"value": 1.5}}
+    assert "fake part running" in (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "x_part" in capsys.readouterr().out  # the summary is printed

@@ -112,6 +112,13 @@ def test_qrels_mining_writes_schema_summary_and_plot(tmp_path, tiny_teacher, bei
     assert (run / "train.jsonl").read_text() == (run / "first.jsonl").read_text()
 
 
+def test_a_named_teacher_replaces_the_model_being_trained(tmp_path, tiny_teacher, beir, monkeypatch):
+    path = recipe(tmp_path, tiny_teacher, beir, qrels="train", teacher=tiny_teacher)
+    run_in_process(monkeypatch, path, "--model.name_or_path", str(tmp_path / "not-loaded-by-mining"))
+    summary = json.loads((tmp_path / "run" / "mine_summary.json").read_text())
+    assert summary["teacher"] == tiny_teacher and summary["queries_mined"] == 10
+
+
 def test_margin_off_keeps_more_than_margin_on(tmp_path, tiny_teacher, beir, monkeypatch):
     run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", relative_margin=None,
                                        rank_min=0, num_negatives=10))
