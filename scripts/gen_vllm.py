@@ -15,6 +15,12 @@ Rerunning a killed run resumes where it stopped, without duplicates or gaps.
 """
 from __future__ import annotations
 
+import os
+
+# Sleeping, not spinning, OpenMP threads: on a CPU shared with other jobs, spinning threads made
+# every decode step ~10x slower here (2 cores, load ~6). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import dataclasses
 import time
 from pathlib import Path

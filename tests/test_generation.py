@@ -19,8 +19,8 @@ from embed.config import ConfigError
 from embed.data import JsonlAppender, load_corpus, read_jsonl
 from embed.generation import QueryGenerator, block_seed, plan_units, row_key, summarise
 from embed.llm_backends import (STOP_STRINGS, OpenAIBackend, Sampling, TransformersBackend, VllmBackend, shard_bounds,
-                                vllm_dtype)
-from embed.prompts import ANSWER_PREFIX, ANSWER_SCHEMA, PromptBuilder, example_texts, parse_answer
+                                shared_prefix, vllm_dtype)
+from embed.prompts import ANSWER_PREFIX, ANSWER_SCHEMA, PromptBuilder, example_texts, parse_answer, render_chat
 from embed.query_filters import BM25RoundTrip, FilterSettings, QueryFilter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,16 +90,38 @@ def test_transformers_backend_left_pads_and_is_deterministic(tiny_generator):
     assert backend.tokenizer.padding_side == "left"
     builder = PromptBuilder(max_doc_words=40)
     prompts = [builder.build("short document about bones", "claim"),
-               builder.build(" ".join(TOPICS), "question"),
-               builder.build("a middle sized document about aspirin and hearts", "keywords")]
+               builder.build(" ".join(TOPICS), "claim"),
+               builder.build("a middle sized document about aspirin and hearts", "keywords"),
+               builder.build("another document", "claim")]
     batched = backend.generate(prompts, seed=0)
-    assert len(batched) == 3 and all(a.startswith(ANSWER_PREFIX) for a in batched)
-    # greedy: a prompt's answer inside a padded batch equals its answer alone (left padding is right)
+    assert len(batched) == 4 and all(a.startswith(ANSWER_PREFIX) for a in batched)
+    # greedy: a prompt's answer inside a padded batch equals its answer alone
     assert batched == [backend.generate([p], seed=0)[0] for p in prompts]
+    # and equals plain left-padded generation without the shared-prefix cache
+    tok, model = backend.tokenizer, backend.model
+    texts = [render_chat(tok, p) for p in prompts]
+    pieces = [tok([shared_prefix(p, t), t[len(shared_prefix(p, t)):]], add_special_tokens=False)["input_ids"]
+              for p, t in zip(prompts, texts)]  # the backend tokenizes prefix and rest apart
+    ids = [a + b for a, b in pieces]
+    enc = tok.pad({"input_ids": ids}, return_tensors="pt")
+    plain = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                           stop_strings=STOP_STRINGS, tokenizer=tok)
+    reference = tok.batch_decode(plain[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert batched == [ANSWER_PREFIX + r for r in reference]
 
     sampler = TransformersBackend(str(tiny_generator), Sampling(max_new_tokens=6, temperature=1.0, top_p=1.0))
     assert sampler.generate(prompts, seed=5) == sampler.generate(prompts, seed=5)
     assert sampler.generate(prompts, seed=5) != sampler.generate(prompts, seed=6)
+
+
+def test_shared_prefix_is_the_chat_before_the_document(tiny_generator):
+    tok = chat_tokenizer()
+    prompt = PromptBuilder().build("the document text", "claim")
+    text = render_chat(tok, prompt)
+    prefix = shared_prefix(prompt, text)
+    assert text.startswith(prefix) and prefix.endswith("<|user|>") and "the document text" not in prefix
+    assert prefix == shared_prefix(PromptBuilder().build("another text", "claim"), render_chat(
+        tok, PromptBuilder().build("another text", "claim")))
 
 
 def test_transformers_backend_missing_model_is_a_config_error(tmp_path):
@@ -172,7 +194,7 @@ def test_openai_backend_requests_order_and_concurrency(monkeypatch):
         backend = openai_backend(server.url, concurrency=2)
         answers = backend.generate(prompts, seed=100)
         backend.close()
-    assert [parse_answer(a).query for a in answers] == [f"about {t[:20]}" for t in TOPICS[:6]]
+    assert [parse_answer(a).query for a in answers] == [f"about {t[:20]}".strip() for t in TOPICS[:6]]
     assert server.max_in_flight == 2
     first = server.requests[0]
     assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sekrit-123"
@@ -246,9 +268,11 @@ def test_vllm_structured_requests_and_responses():
     backend = VllmBackend("m", Sampling(40, 0.7, 0.9), structured_output=True, engine=engine, api=VLLM_API)
     prompts = [PromptBuilder().build(f"doc {i}", "claim") for i in range(3)]
     answers = backend.generate(prompts, seed=10)
-    texts, params, use_tqdm = engine.calls[0]
+    requests, params, use_tqdm = engine.calls[0]
     assert use_tqdm is False
-    assert all(t.endswith("<|assistant|>") for t in texts)  # the grammar starts the JSON, not the prompt
+    # token ids of the chat text, no special tokens added; the grammar starts the JSON, not the prompt
+    assert requests == [{"prompt_token_ids": engine.tokenizer(render_chat(engine.tokenizer, p, with_prefix=False),
+                                                               add_special_tokens=False)["input_ids"]} for p in prompts]
     assert [p.seed for p in params] == [10, 11, 12]  # per request: an answer does not depend on its batch
     assert all(p.structured_outputs.json == ANSWER_SCHEMA and p.stop is None for p in params)
     assert (params[0].temperature, params[0].top_p, params[0].max_tokens) == (0.7, 0.9, 40)
@@ -258,9 +282,11 @@ def test_vllm_structured_requests_and_responses():
 def test_vllm_unstructured_requests_start_the_answer():
     engine = StandInLLM(lambda i: f'claim number {i}"')  # the stop string '"}' is not returned by vLLM
     backend = VllmBackend("m", Sampling(), structured_output=False, engine=engine, api=VLLM_API)
-    answers = backend.generate([PromptBuilder().build("doc", "question")] * 2, seed=0)
-    texts, params, _ = engine.calls[0]
-    assert all(t.endswith("<|assistant|>" + ANSWER_PREFIX) for t in texts)
+    prompt = PromptBuilder().build("doc", "question")
+    answers = backend.generate([prompt] * 2, seed=0)
+    requests, params, _ = engine.calls[0]
+    expected = engine.tokenizer(render_chat(engine.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    assert requests == [{"prompt_token_ids": expected}] * 2  # the answer is started in the prompt
     assert all(p.stop == STOP_STRINGS and p.structured_outputs is None for p in params)
     assert [parse_answer(a).query for a in answers] == ["claim number 0", "claim number 1"]
 
@@ -412,7 +438,7 @@ def test_kill_mid_run_then_rerun_equals_an_uninterrupted_run(tiny_generator, cor
 
     rerun = run_script([str(killed)])
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "6 already done" in rerun.stderr
+    assert "6 already done" in rerun.stdout
     uninterrupted = run_script([str(whole)])
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
 

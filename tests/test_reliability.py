@@ -1,0 +1,117 @@
+"""The reliability battery: every script meets bad input with a one-line error naming file, line and
+field (exit code 2), never a traceback. Skipped-and-counted cases are checked on the loaders that
+every script shares (their counts go into each stage's summary)."""
+import runpy
+import sys
+from collections import Counter
+
+import pytest
+
+from embed.data import load_corpus
+from tests.conftest import REPO
+
+SCRIPTS = ["gen_vllm.py", "mine_faiss.py", "train.py", "eval_mteb.py"]
+GOOD_DOC = '{"_id": "d1", "title": "T", "text": "proteins fold"}'
+
+CORPUS_CASES = {
+    "invalid_json": ([GOOD_DOC, '{"_id": "d2", "text": '], ["corpus.jsonl:2", "invalid JSON"]),
+    "missing_id": ([GOOD_DOC, '{"text": "no id"}'], ["corpus.jsonl:2", "'_id'"]),
+    "duplicate_ids": ([GOOD_DOC, GOOD_DOC], ["corpus.jsonl:2", "'_id'", "duplicate"]),
+    "non_utf8": ([GOOD_DOC, b'{"_id": "d2", "text": "\xff\xfe"}'], ["corpus.jsonl:2", "UTF-8"]),
+}
+
+
+def beir(tmp_path, corpus_lines, qrels="query-id\tcorpus-id\tscore\nq1\td1\t1\n"):
+    d = tmp_path / "beir"
+    (d / "qrels").mkdir(parents=True, exist_ok=True)
+    (d / "corpus.jsonl").write_bytes(b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in corpus_lines))
+    (d / "queries.jsonl").write_text('{"_id": "q1", "text": "how do proteins fold"}\n')
+    for split in ("test", "train"):
+        (d / "qrels" / f"{split}.tsv").write_text(qrels)
+    return d
+
+
+def recipe(tmp_path, data_dir, model_dir, extra=""):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""run_dir: {tmp_path / 'run'}
+model: {{name_or_path: {model_dir}}}
+data: {{corpus: {data_dir}, eval: [{data_dir}]}}
+mine: {{qrels: train}}
+train:
+  report_to: []
+  stages: [{{data: [{data_dir}], num_negatives: 0}}]
+{extra}""")
+    return path
+
+
+def stage_argv(script, recipe_path, data_dir, model_dir, tmp_path):
+    """eval_mteb.py without a trained run_dir/model is called in its one-model form."""
+    if script == "eval_mteb.py":
+        return ["--model", model_dir, "--data", data_dir, "--run_dir", tmp_path / "eval"]
+    return [recipe_path]
+
+
+def run_script(script, argv, capsys):
+    old = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
+    finally:
+        sys.argv = old
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    assert err and err[-1].startswith("error: "), err
+    assert "Traceback" not in "\n".join(err)
+    for needle in needles:
+        assert needle in err[-1], (needle, err[-1])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", list(CORPUS_CASES))
+def test_bad_corpus_line(tmp_path, tiny_bert_dir, capsys, script, case):
+    lines, needles = CORPUS_CASES[case]
+    data = beir(tmp_path, lines)
+    argv = stage_argv(script, recipe(tmp_path, data, tiny_bert_dir), data, tiny_bert_dir, tmp_path)
+    assert_one_line_error(*run_script(script, argv, capsys), *needles)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_yaml_key(tmp_path, tiny_bert_dir, capsys, script):
+    path = recipe(tmp_path, beir(tmp_path, [GOOD_DOC]), tiny_bert_dir, extra="eval:\n  batchsize: 3\n")
+    assert_one_line_error(*run_script(script, [path], capsys), "unknown key 'eval.batchsize'")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_wrong_value_type(tmp_path, tiny_bert_dir, capsys, script):
+    path = recipe(tmp_path, beir(tmp_path, [GOOD_DOC]), tiny_bert_dir)
+    assert_one_line_error(*run_script(script, [path, "--seed", "abc"], capsys), "key 'seed' must be int")
+
+
+@pytest.mark.parametrize("script", ["mine_faiss.py", "train.py", "eval_mteb.py"])
+def test_missing_model_path(tmp_path, capsys, script):
+    data = beir(tmp_path, [GOOD_DOC, '{"_id": "d2", "text": "cells divide"}'])
+    argv = stage_argv(script, recipe(tmp_path, data, tmp_path / "no_model"), data, tmp_path / "no_model", tmp_path)
+    assert_one_line_error(*run_script(script, argv, capsys), "no_model")
+
+
+def test_missing_generator_path(tmp_path, tiny_bert_dir, capsys):
+    path = recipe(tmp_path, beir(tmp_path, [GOOD_DOC]), tiny_bert_dir)
+    assert_one_line_error(*run_script("gen_vllm.py", [path, "--gen.model", str(tmp_path / "no_llm"),
+                                                     "--gen.round_trip", "none"], capsys), "no_llm")
+
+
+def test_eval_qrels_naming_unknown_document(tmp_path, tiny_bert_dir, capsys):
+    data = beir(tmp_path, [GOOD_DOC], qrels="query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\tghost\t1\n")
+    argv = stage_argv("eval_mteb.py", None, data, tiny_bert_dir, tmp_path)
+    assert_one_line_error(*run_script("eval_mteb.py", argv, capsys), "test.tsv:3", "corpus-id", "ghost")
+
+
+def test_empty_text_is_skipped_and_counted(tmp_path):
+    data = beir(tmp_path, [GOOD_DOC, '{"_id": "d2", "title": "", "text": ""}'])
+    corpus = load_corpus(str(data))
+    assert corpus.ids == ["d1"] and corpus.skipped == Counter(empty_text=1)
