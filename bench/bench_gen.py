@@ -51,7 +51,7 @@ def main():
     backend = TransformersBackend("smollm2", Sampling(defaults.max_new_tokens, defaults.temperature, defaults.top_p),
                                   dtype=args.dtype)
     load_s = time.perf_counter() - start
-    builder = PromptBuilder(max_words=defaults.max_words, max_doc_words=args.max_doc_words)
+    builder = PromptBuilder(max_words=max(defaults.query_lengths), max_doc_words=args.max_doc_words)
     types = defaults.query_types
     prompts = [builder.build(corpus.doc_text(i), types[i % len(types)]) for i in range(args.batch)]
     backend.generate(prompts[:2], seed=0)  # warm-up: allocator, kernels, stop-string tables

@@ -15,6 +15,7 @@ second pass over the file is needed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from embed.config import ConfigError
 from embed.data import Corpus, JsonlAppender, read_jsonl, write_json_atomic
 from embed.prompts import DEFAULT_TASK, PromptBuilder, parse_answer, task_prompt
 from embed.query_filters import REASONS, QueryFilter
@@ -34,12 +36,14 @@ RAW_CHARS = 300  # unparseable answers are kept (shortened) in their row, for in
 
 @dataclass(frozen=True)
 class Unit:
-    """One answer to generate: sample `sample` of corpus row `doc_row`, asking for `query_type`."""
+    """One answer to generate: sample `sample` of corpus row `doc_row`, asking for `query_type`
+    of at most `word_limit` words."""
 
     doc_row: int
     doc_id: str
     sample: int
     query_type: str
+    word_limit: int
 
     @property
     def key(self) -> tuple[str, int]:
@@ -51,22 +55,47 @@ def row_key(row: dict) -> tuple[str, int]:
 
 
 def plan_units(corpus: Corpus, max_docs: int, queries_per_doc: int, query_types: Sequence[str],
-               seed: int) -> list[Unit]:
-    """A seeded random order of documents (the first `max_docs` of it), types rotated over units."""
+               word_limits: Sequence[int], seed: int) -> list[Unit]:
+    """A seeded random order of documents (the first `max_docs` of it); query types rotate over
+    units, and word limits rotate over each round of types, so every type gets every length."""
     order = np.random.default_rng(seed).permutation(len(corpus))
     if max_docs > 0:
         order = order[:max_docs]
     units = []
     for position, row in enumerate(order.tolist()):
         for sample in range(queries_per_doc):
-            qtype = query_types[(position * queries_per_doc + sample) % len(query_types)]
-            units.append(Unit(row, corpus.ids[row], sample, qtype))
+            n = position * queries_per_doc + sample
+            qtype = query_types[n % len(query_types)]
+            units.append(Unit(row, corpus.ids[row], sample, qtype, word_limits[(n // len(query_types)) % len(word_limits)]))
     return units
 
 
 def block_seed(seed: int, block: int, attempt: int) -> int:
     """A seed per (block, attempt): a block's answers do not depend on what ran before it."""
     return (seed * 1_000_003 + block * 7_919 + attempt * 104_729) % 2**31
+
+
+# Keys that do not change a row, so a rerun may differ in them (max_docs: the plan is a prefix
+# of one seeded order, so more documents extend a run).
+RESUME_FREE_KEYS = ("max_docs", "vllm", "openai", "trust_remote_code")
+
+
+def check_resume(run_dir: Path, gen, seed: int, corpus_source: str) -> None:
+    """Refuse to extend queries.jsonl written with other settings: the rows would silently mix."""
+    source = Path(corpus_source)
+    stat = source.stat() if source.exists() else None
+    fingerprint = {"seed": seed, "corpus": [corpus_source, stat.st_size if stat else None,
+                                            stat.st_mtime_ns if stat else None],
+                   **{k: v for k, v in dataclasses.asdict(gen).items() if k not in RESUME_FREE_KEYS}}
+    path = run_dir / "gen_resume.json"
+    if (run_dir / "queries.jsonl").exists() and path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in fingerprint.keys() | before.keys() if before.get(k) != fingerprint.get(k))
+        if changed:
+            names = ", ".join(k if k in ("seed", "corpus") else f"gen.{k}" for k in changed)
+            raise ConfigError(f"{run_dir / 'queries.jsonl'} was generated with other settings ({names} changed): "
+                              "use another --run_dir, or delete the file to start over")
+    write_json_atomic(path, fingerprint)
 
 
 def resolve_task(task: str, backend, corpus: Corpus, seed: int, path: Path, log: Log) -> str:
@@ -91,13 +120,14 @@ class QueryGenerator:
     """Generates, parses, retries and filters block by block, appending rows as it goes."""
 
     def __init__(self, backend, builder: PromptBuilder, qfilter: QueryFilter, corpus: Corpus, *,
-                 batch_size: int, max_retries: int, seed: int, log: Log = print):
+                 batch_size: int, max_retries: int, retry_temperature: float, seed: int, log: Log = print):
         self.backend = backend
         self.builder = builder
         self.qfilter = qfilter
         self.corpus = corpus
         self.batch_size = batch_size
         self.max_retries = max_retries
+        self.retry_temperature = retry_temperature
         self.seed = seed
         self.log = log
         self.retries = 0
@@ -113,35 +143,42 @@ class QueryGenerator:
             n += 1
         return n
 
-    def answers(self, units: Sequence[Unit], block: int) -> tuple[list, list[int], list[str]]:
-        """Parsed answers, attempts used and raw texts.
+    def answers(self, units: Sequence[Unit], block: int) -> tuple[list, list, list[int], list[str]]:
+        """Parsed answers, their assessments, attempts used and raw texts.
 
-        An unusable answer (unparseable, too short or long, meta-text, copied) is generated again
-        with another seed: a 135M generator fails often but not consistently on one document.
+        An answer that fails any per-query check (unparseable, length, meta-text, copied, round
+        trip) is generated again with another seed and `retry_temperature`: a 135M generator
+        fails often but not consistently on one document, and at a low temperature it repeats
+        its failure.
         """
         documents = [self.corpus.doc_text(u.doc_row) for u in units]
-        prompts = [self.builder.build(d, u.query_type) for d, u in zip(documents, units)]
-        parsed, attempts, raw = [None] * len(units), [0] * len(units), [""] * len(units)
+        rows = [u.doc_row for u in units]
+        prompts = [self.builder.build(d, u.query_type, u.word_limit) for d, u in zip(documents, units)]
+        parsed, assessed, attempts, raw = [None] * len(units), [None] * len(units), [0] * len(units), [""] * len(units)
         todo = list(range(len(units)))
         for attempt in range(self.max_retries + 1):
             if not todo:
                 break
             if attempt:
                 self.retries += len(todo)
-            texts = self.backend.generate([prompts[i] for i in todo], block_seed(self.seed, block, attempt))
-            for i, text in zip(todo, texts):
-                parsed[i], attempts[i], raw[i] = parse_answer(text), attempt + 1, text
-            todo = [i for i in todo if self.qfilter.text_reason(parsed[i].query, documents[i]) is not None]
-        return parsed, attempts, raw
+            texts = self.backend.generate([prompts[i] for i in todo], block_seed(self.seed, block, attempt),
+                                          temperature=self.retry_temperature if attempt else None)
+            answers = [parse_answer(t) for t in texts]
+            checks = self.qfilter.assess([a.query for a in answers], [documents[i] for i in todo], [rows[i] for i in todo])
+            for i, text, answer, check in zip(todo, texts, answers, checks):
+                parsed[i], assessed[i], attempts[i], raw[i] = answer, check, attempt + 1, text
+            todo = [i for i in todo if not assessed[i].usable]
+        return parsed, assessed, attempts, raw
 
     def rows(self, units: Sequence[Unit], block: int) -> list[dict]:
-        parsed, attempts, raw = self.answers(units, block)
+        parsed, assessed, attempts, raw = self.answers(units, block)
         verdicts = self.qfilter.check([u.key for u in units], [p.query for p in parsed],
-                                      [self.corpus.doc_text(u.doc_row) for u in units], [u.doc_row for u in units])
+                                      [self.corpus.doc_text(u.doc_row) for u in units], [u.doc_row for u in units],
+                                      assessed)
         rows = []
         for u, p, n, text, v in zip(units, parsed, attempts, raw, verdicts):
             row = {"query_id": f"{u.doc_id}#{u.sample}", "doc_id": u.doc_id, "sample": u.sample,
-                   "query_type": u.query_type, "query": p.query or "", "kept": v.kept,
+                   "query_type": u.query_type, "word_limit": u.word_limit, "query": p.query or "", "kept": v.kept,
                    "reject_reason": v.reason, "attempts": n}
             row.update({f"{name}_rank": rank for name, rank in v.ranks.items()})
             if p.error:

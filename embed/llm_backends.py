@@ -1,4 +1,4 @@
-"""Generator backends behind one call: `generate(prompts, seed) -> answers`.
+"""Generator backends behind one call: `generate(prompts, seed, temperature=None) -> answers`.
 
 - `transformers`: batched `generate` with left padding (a decoder continues from the last
   position, so padding must sit on the left) and the KV cache of the shared chat prefix reused
@@ -110,8 +110,9 @@ class TransformersBackend:
             return torch.float32
         return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
 
-    def generate(self, prompts: Sequence[Prompt], seed: int) -> list[str]:
+    def generate(self, prompts: Sequence[Prompt], seed: int, temperature: Optional[float] = None) -> list[str]:
         """Answers in prompt order; prompts sharing a chat prefix are generated together from its cache."""
+        temperature = self.sampling.temperature if temperature is None else temperature
         texts = [render_chat(self.tokenizer, p) for p in prompts]
         groups: dict[str, list[int]] = {}
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
@@ -119,7 +120,7 @@ class TransformersBackend:
         answers: list[str] = [""] * len(prompts)
         for g, (prefix, members) in enumerate(groups.items()):
             suffixes = [texts[i][len(prefix):] for i in members]
-            for i, answer in zip(members, self._generate_group(prefix, suffixes, seed + g)):
+            for i, answer in zip(members, self._generate_group(prefix, suffixes, seed + g, temperature)):
                 answers[i] = prompts[i].answer_prefix + answer
         return answers
 
@@ -134,7 +135,7 @@ class TransformersBackend:
             self._prefix_cache[prefix] = (ids, out["cache"] if "cache" in out else out["past_key_values"])
         return self._prefix_cache[prefix]
 
-    def _generate_group(self, prefix: str, suffixes: list[str], seed: int) -> list[str]:
+    def _generate_group(self, prefix: str, suffixes: list[str], seed: int, temperature: float) -> list[str]:
         """Left-padded batch generation; with a prefix, its cache is reused and padding sits between
         prefix and suffix (position ids come from the attention mask, so the math is unchanged)."""
         import torch
@@ -150,12 +151,12 @@ class TransformersBackend:
             cache = copy.deepcopy(cache)
             cache.batch_repeat_interleave(batch)
             kwargs[self._cache_kwarg] = cache
-        sample = self.sampling.temperature > 0
+        sample = temperature > 0
         torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=self.sampling.max_new_tokens,
-                do_sample=sample, temperature=self.sampling.temperature if sample else None,
+                do_sample=sample, temperature=temperature if sample else None,
                 top_p=self.sampling.top_p if sample else None, top_k=None,
                 stop_strings=STOP_STRINGS, tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
         new_tokens = out[:, input_ids.shape[1]:]  # [B, new]: every prompt ends at the same column
@@ -310,9 +311,9 @@ class VllmBackend:
         self.engine = engine
         self.tokenizer = engine.get_tokenizer()
 
-    def sampling_params(self, seed: int):
+    def sampling_params(self, seed: int, temperature: float):
         """One request's parameters: its own seed, so an answer does not depend on its batch."""
-        kwargs = dict(temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+        kwargs = dict(temperature=temperature, top_p=self.sampling.top_p,
                       max_tokens=self.sampling.max_new_tokens, seed=seed)
         if self.structured:
             kwargs["structured_outputs"] = self.api.StructuredOutputsParams(json=ANSWER_SCHEMA)
@@ -320,7 +321,8 @@ class VllmBackend:
             kwargs["stop"] = list(STOP_STRINGS)
         return self.api.SamplingParams(**kwargs)
 
-    def build_requests(self, prompts: Sequence[Prompt], seed: int) -> tuple[list[dict], list]:
+    def build_requests(self, prompts: Sequence[Prompt], seed: int,
+                       temperature: Optional[float] = None) -> tuple[list[dict], list]:
         """Token-id prompts and per-request parameters.
 
         Token ids, tokenized without special tokens, because the chat template already wrote
@@ -329,10 +331,12 @@ class VllmBackend:
         """
         texts = [render_chat(self.tokenizer, p, with_prefix=not self.structured) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [{"prompt_token_ids": list(i)} for i in ids], [self.sampling_params(seed + i) for i in range(len(prompts))]
+        temperature = self.sampling.temperature if temperature is None else temperature
+        return ([{"prompt_token_ids": list(i)} for i in ids],
+                [self.sampling_params(seed + i, temperature) for i in range(len(prompts))])
 
-    def generate(self, prompts: Sequence[Prompt], seed: int) -> list[str]:
-        texts, params = self.build_requests(prompts, seed)
+    def generate(self, prompts: Sequence[Prompt], seed: int, temperature: Optional[float] = None) -> list[str]:
+        texts, params = self.build_requests(prompts, seed, temperature)
         outputs = self.engine.generate(texts, params, use_tqdm=False)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
@@ -373,8 +377,9 @@ class OpenAIBackend:
             self._headers["Authorization"] = f"Bearer {key}"
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai")
 
-    def request_body(self, prompt: Prompt, seed: int) -> dict:
-        body = {"model": self.model, "messages": prompt.messages, "temperature": self.sampling.temperature,
+    def request_body(self, prompt: Prompt, seed: int, temperature: Optional[float] = None) -> dict:
+        temperature = self.sampling.temperature if temperature is None else temperature
+        body = {"model": self.model, "messages": prompt.messages, "temperature": temperature,
                 "top_p": self.sampling.top_p, "max_tokens": self.sampling.max_new_tokens, "seed": seed}
         if self.structured:
             body["response_format"] = {"type": "json_schema",
@@ -409,8 +414,8 @@ class OpenAIBackend:
                 time.sleep(min(wait, 60.0))
         raise ConfigError(f"key 'gen.openai.api_base': {self.url} failed {self.max_retries + 1} times (last: {last})")
 
-    def generate(self, prompts: Sequence[Prompt], seed: int) -> list[str]:
-        bodies = [self.request_body(p, seed + i) for i, p in enumerate(prompts)]
+    def generate(self, prompts: Sequence[Prompt], seed: int, temperature: Optional[float] = None) -> list[str]:
+        bodies = [self.request_body(p, seed + i, temperature) for i, p in enumerate(prompts)]
         return list(self._pool.map(self._post, bodies))
 
     def close(self) -> None:

@@ -4,12 +4,12 @@ Naive top-k mining teaches false negatives: the best-ranked "negatives" of a que
 relevant documents nobody judged. NV-Retriever's TopK-PercPos rule (arXiv 2407.15831) drops
 any candidate that the teacher scores above 95% of the positive's score; with several
 positives the least similar positive sets the bar (the safest choice). Positives themselves,
-documents whose text duplicates a positive, and the document a synthetic query was generated
-from are never negatives, whatever the scores say (FlagEmbedding issue #464 shows how a random
+documents whose text duplicates a positive, and positives of another query with the same text
+are never negatives, whatever the scores say (FlagEmbedding issue #464 shows how a random
 back-fill can otherwise pick the positive).
 
 Each rejected candidate is counted under the first rule it fails, in this order:
-  positive       the candidate is a positive (or the query's source document)
+  positive       the candidate is a positive (or a positive of a query with the same text)
   duplicate      its text equals a positive's text (whitespace and case ignored)
   rank_range     outside [rank_min, rank_max) of the fused list of remaining candidates
   relative_margin, absolute_margin
@@ -78,8 +78,8 @@ def select_negatives(candidates: Sequence[int], teacher_scores: Sequence[float],
     """Apply the rules to `candidates` (corpus rows in fused order; `teacher_scores` aligned).
 
     `positive_score` is the teacher's score of the least similar positive; `positives` are the
-    positives' corpus rows and `excluded` adds any other row that must never be a negative (the
-    source document); `text_key(row)` identifies a row's text for the duplicate rule (e.g. a hash
+    positives' corpus rows and `excluded` adds any other row that must never be a negative;
+    `text_key(row)` identifies a row's text for the duplicate rule (e.g. a hash
     of `normalise_text`). Returns the kept negatives in fused order with their teacher scores.
     """
     excluded = set(excluded) | set(positives)

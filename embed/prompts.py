@@ -101,19 +101,21 @@ class PromptBuilder:
         self.max_words = max_words
         self.max_doc_words = max_doc_words
 
-    def user_message(self, document: str, query_type: str) -> str:
+    def user_message(self, document: str, query_type: str, max_words: int) -> str:
         return self.template.format(task=self.task, document=truncate_words(document, self.max_doc_words),
-                                    query_type=QUERY_TYPES[query_type].description, max_words=self.max_words)
+                                    query_type=QUERY_TYPES[query_type].description, max_words=max_words)
 
-    def build(self, document: str, query_type: str) -> Prompt:
+    def build(self, document: str, query_type: str, max_words: Optional[int] = None) -> Prompt:
+        """Messages for one document; `max_words` varies the stated length per request (E5 varies
+        query length), while the worked example keeps the builder's, so its prefix is shared."""
         if query_type not in QUERY_TYPES:
             raise ConfigError(f"unknown query type '{query_type}' (known: {', '.join(QUERY_TYPES)})")
         messages = [{"role": "system", "content": SYSTEM_PROMPT.format(task=self.task)}]
         if self.few_shot:
             example = json.dumps({"query": QUERY_TYPES[query_type].example_answer})
-            messages += [{"role": "user", "content": self.user_message(EXAMPLE_DOCUMENT, query_type)},
+            messages += [{"role": "user", "content": self.user_message(EXAMPLE_DOCUMENT, query_type, self.max_words)},
                          {"role": "assistant", "content": example}]
-        messages.append({"role": "user", "content": self.user_message(document, query_type)})
+        messages.append({"role": "user", "content": self.user_message(document, query_type, max_words or self.max_words)})
         return Prompt(messages)
 
 

@@ -59,6 +59,13 @@ class Verdict:
     ranks: dict  # retriever name -> 1-based rank of the source document, None beyond RANK_DEPTH
 
 
+@dataclass
+class Assessment:
+    text_reason: Optional[str]  # first failed text check, or None
+    ranks: dict
+    usable: bool  # passed the text checks and the round trip
+
+
 # ---------------------------------------------------------------- single-query checks
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
@@ -185,12 +192,11 @@ class QueryFilter:
     def register_kept(self, query: str, key) -> None:
         self._kept.setdefault(normalise(query), key)
 
-    def text_reason(self, query: Optional[str], document: str) -> Optional[str]:
-        return check_text(query, document, self.settings, self.prompt_texts)
-
-    def check(self, keys: Sequence, queries: Sequence[Optional[str]], documents: Sequence[str],
-              doc_rows: Sequence[int]) -> list[Verdict]:
-        reasons = [self.text_reason(q, d) for q, d in zip(queries, documents)]
+    def assess(self, queries: Sequence[Optional[str]], documents: Sequence[str],
+               doc_rows: Sequence[int]) -> list[Assessment]:
+        """Every check that depends on the query alone: text checks, then the round-trip ranks
+        (only for queries that passed them). No state changes: a caller may retry what fails."""
+        reasons = [check_text(q, d, self.settings, self.prompt_texts) for q, d in zip(queries, documents)]
         ranks = [{} for _ in queries]
         live = [i for i, r in enumerate(reasons) if r is None]
         if live:
@@ -198,16 +204,22 @@ class QueryFilter:
                 found = retriever.ranks([queries[i] for i in live], [doc_rows[i] for i in live])
                 for i, rank in zip(live, found):
                     ranks[i][retriever.name] = rank
+        return [Assessment(r, rk, r is None and self._round_trip_ok(rk)) for r, rk in zip(reasons, ranks)]
+
+    def check(self, keys: Sequence, queries: Sequence[Optional[str]], documents: Sequence[str],
+              doc_rows: Sequence[int], assessed: Optional[Sequence[Assessment]] = None) -> list[Verdict]:
+        """Final verdicts in order, duplicates included; kept queries are remembered."""
+        assessed = assessed if assessed is not None else self.assess(queries, documents, doc_rows)
         verdicts = []
-        for i, key in enumerate(keys):
-            reason = reasons[i]
-            if reason is None and self._kept.get(normalise(queries[i]), key) != key:
+        for key, query, a in zip(keys, queries, assessed):
+            reason = a.text_reason
+            if reason is None and self._kept.get(normalise(query), key) != key:
                 reason = "duplicate"
-            if reason is None and not self._round_trip_ok(ranks[i]):
+            if reason is None and not a.usable:
                 reason = "round_trip"
             if reason is None:
-                self.register_kept(queries[i], key)
-            verdicts.append(Verdict(reason is None, reason, ranks[i]))
+                self.register_kept(query, key)
+            verdicts.append(Verdict(reason is None, reason, a.ranks))
         return verdicts
 
     def _round_trip_ok(self, ranks: dict) -> bool:

@@ -31,7 +31,8 @@ from embed.cli import run_main
 from embed.config import ConfigError, parse_recipe
 from embed.data import JsonlAppender, load_corpus, write_json_atomic
 from embed.embedding_cache import DEFAULT_CACHE_ROOT
-from embed.generation import QueryGenerator, log_samples, plan_units, resolve_task, row_key, summarise
+from embed.generation import (QueryGenerator, check_resume, log_samples, plan_units, resolve_task, row_key,
+                              summarise)
 from embed.hardware import peak_rss_gb
 from embed.prompts import QUERY_TYPES, PromptBuilder, example_texts
 from embed.query_filters import RANK_DEPTH, BM25RoundTrip, DenseRoundTrip, FilterSettings, QueryFilter
@@ -49,13 +50,13 @@ def check_gen_config(gen) -> None:
     for key in ("queries_per_doc", "batch_size", "max_new_tokens", "min_words", "copy_ngram", "round_trip_k"):
         if getattr(gen, key) < 1:
             raise ConfigError(f"key 'gen.{key}' must be >= 1")
-    if gen.max_words < gen.min_words:
-        raise ConfigError("key 'gen.max_words' must be >= gen.min_words")
+    if not gen.query_lengths or not gen.min_words <= min(gen.query_lengths) <= max(gen.query_lengths) <= gen.max_words:
+        raise ConfigError("key 'gen.query_lengths' must list word limits between gen.min_words and gen.max_words")
     if gen.round_trip_k > RANK_DEPTH:
         raise ConfigError(f"key 'gen.round_trip_k' must be <= {RANK_DEPTH}")
-    if gen.max_docs < 0 or gen.max_retries < 0 or gen.temperature < 0 or not 0 < gen.top_p <= 1:
-        raise ConfigError("keys 'gen.max_docs', 'gen.max_retries', 'gen.temperature' must be >= 0 and "
-                          "'gen.top_p' in (0, 1]")
+    if min(gen.max_docs, gen.max_retries, gen.temperature, gen.retry_temperature) < 0 or not 0 < gen.top_p <= 1:
+        raise ConfigError("keys 'gen.max_docs', 'gen.max_retries', 'gen.temperature', 'gen.retry_temperature' "
+                          "must be >= 0 and 'gen.top_p' in (0, 1]")
 
 
 def round_trip_retrievers(cfg, corpus, texts, log) -> list:
@@ -87,13 +88,14 @@ def main():
     cfg = parse_recipe("gen", description=__doc__)
     gen, run_dir = cfg.gen, Path(cfg.run_dir)
     check_gen_config(gen)
-    builder = PromptBuilder(template=gen.prompt_template, few_shot=gen.few_shot, max_words=gen.max_words,
+    builder = PromptBuilder(template=gen.prompt_template, few_shot=gen.few_shot, max_words=max(gen.query_lengths),
                             max_doc_words=gen.max_doc_words)  # checks the template before anything loads
     started, timings = time.perf_counter(), {}
 
     # ------------------------------------------------------------------ inputs and plan
     corpus = load_corpus(cfg.data.corpus)
-    units = plan_units(corpus, gen.max_docs, gen.queries_per_doc, gen.query_types, cfg.seed)
+    check_resume(run_dir, gen, cfg.seed, corpus.source)
+    units = plan_units(corpus, gen.max_docs, gen.queries_per_doc, gen.query_types, gen.query_lengths, cfg.seed)
     out = JsonlAppender(run_dir / "queries.jsonl", row_key)
     todo = [u for u in units if u.key not in out.done]
     log(f"corpus {corpus.source}: {len(corpus)} documents (skipped {dict(corpus.skipped)}) | plan "
@@ -125,7 +127,8 @@ def main():
     throughput = {"generated_units": 0, "generated_docs": 0}
     if todo:
         generator = QueryGenerator(backend, builder, qfilter, corpus, batch_size=gen.batch_size,
-                                   max_retries=gen.max_retries, seed=cfg.seed, log=log)
+                                   max_retries=gen.max_retries, retry_temperature=gen.retry_temperature,
+                                   seed=cfg.seed, log=log)
         generator.resume(out)
         all_docs = {u.doc_id for u in units}
         with tqdm(total=len(all_docs), initial=len(all_docs - {u.doc_id for u in todo}), unit="doc",

@@ -27,8 +27,9 @@ from embed.data import DataError, load_corpus, write_json_atomic
 from embed.dense_index import DenseIndex, num_gpus
 from embed.embedding_cache import corpus_embeddings, default_cache_root
 from embed.hardware import peak_rss_gb
-from embed.mining import (NegativeMiner, ResumableOutput, batched, check_mine_config, load_mining_queries, load_teacher,
-                          log_line, plot_scores, rules_from_config, summarise, teacher_cache)
+from embed.mining import (NegativeMiner, ResumableOutput, batched, check_mine_config, encode_by_token_length,
+                          load_mining_queries, load_teacher, log_line, plot_scores, rules_from_config, summarise,
+                          teacher_cache)
 
 
 def main():
@@ -57,10 +58,12 @@ def main():
     # ------------------------------------------------------------------ teacher + corpus embeddings (cached, sharded)
     t = time.perf_counter()
     teacher, teacher_name = load_teacher(cfg, state.device)
+    timings["load_teacher"] = time.perf_counter() - t
+    t = time.perf_counter()
     cache = teacher_cache(teacher, teacher_name, cfg.model.dtype, corpus, texts, default_cache_root(mc.cache_dir))
     log(f"teacher: {teacher_name} on {state.device} x {world} process(es) | cache {cache.dir}")
     corpus_emb, cache_hit = corpus_embeddings(
-        cache, texts, lambda chunk: teacher.encode(chunk, kind="document", batch_size=mc.encode_batch_size),
+        cache, texts, lambda chunk: encode_by_token_length(teacher, chunk, "document", mc.encode_batch_size),
         chunk_size=mc.cache_chunk_size, rank=rank, world_size=world, barrier=state.wait_for_everyone, log=log_line)
     timings["corpus_embeddings"] = time.perf_counter() - t
     log(f"corpus embeddings: {corpus_emb.shape} fp16 ({'cache hit' if cache_hit else 'encoded'}, "
@@ -88,7 +91,7 @@ def main():
     encode_queries, mined_now = 0.0, 0
     for batch in batched(todo, mc.batch_size):
         tq = time.perf_counter()
-        query_emb = teacher.encode([q.text for q in batch], kind="query", batch_size=mc.encode_batch_size)
+        query_emb = encode_by_token_length(teacher, [q.text for q in batch], "query", mc.encode_batch_size)
         encode_queries += time.perf_counter() - tq
         output.write(miner.mine(batch, query_emb), corpus)
         mined_now += len(batch)

@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-accelerate_configs/cpu.yaml}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"   # idle OpenMP threads sleep instead of spinning
 
 stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
 start=$(date +%s)

@@ -17,10 +17,11 @@ import pytest
 
 from embed.config import ConfigError
 from embed.data import JsonlAppender, load_corpus, read_jsonl
-from embed.generation import QueryGenerator, block_seed, plan_units, row_key, summarise
+from embed.generation import (QueryGenerator, block_seed, check_resume, plan_units, resolve_task, row_key,
+                              summarise)
 from embed.llm_backends import (STOP_STRINGS, OpenAIBackend, Sampling, TransformersBackend, VllmBackend, shard_bounds,
                                 shared_prefix, vllm_dtype)
-from embed.prompts import ANSWER_PREFIX, ANSWER_SCHEMA, PromptBuilder, example_texts, parse_answer, render_chat
+from embed.prompts import ANSWER_PREFIX, ANSWER_SCHEMA, DEFAULT_TASK, PromptBuilder, example_texts, parse_answer, render_chat
 from embed.query_filters import BM25RoundTrip, FilterSettings, QueryFilter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,13 +75,16 @@ def corpus_dir(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- plan
 def test_plan_is_seeded_and_rotates_query_types(corpus_dir):
     corpus = load_corpus(str(corpus_dir))
-    units = plan_units(corpus, max_docs=5, queries_per_doc=2, query_types=["claim", "question", "keywords"], seed=3)
-    assert units == plan_units(corpus, 5, 2, ["claim", "question", "keywords"], seed=3)
-    assert units != plan_units(corpus, 5, 2, ["claim", "question", "keywords"], seed=4)
+    types = ["claim", "question", "keywords"]
+    units = plan_units(corpus, max_docs=5, queries_per_doc=2, query_types=types, word_limits=[8, 24], seed=3)
+    assert units == plan_units(corpus, 5, 2, types, [8, 24], seed=3)
+    assert units != plan_units(corpus, 5, 2, types, [8, 24], seed=4)
     assert len(units) == 10 and len({u.doc_id for u in units}) == 5
     assert [u.sample for u in units[:4]] == [0, 1, 0, 1]
-    assert [u.query_type for u in units[:4]] == ["claim", "question", "keywords", "claim"]
-    assert len(plan_units(corpus, 0, 1, ["claim"], seed=0)) == len(corpus)  # 0 = all documents
+    assert [(u.query_type, u.word_limit) for u in units[:7]] == [
+        ("claim", 8), ("question", 8), ("keywords", 8), ("claim", 24), ("question", 24), ("keywords", 24), ("claim", 8)]
+    assert len(plan_units(corpus, 0, 1, ["claim"], [24], seed=0)) == len(corpus)  # 0 = all documents
+    assert plan_units(corpus, 8, 1, types, [24], seed=3)[:5] == plan_units(corpus, 5, 1, types, [24], seed=3)
     assert block_seed(1, 2, 0) != block_seed(1, 2, 1) != block_seed(1, 3, 0)
 
 
@@ -289,6 +293,8 @@ def test_vllm_unstructured_requests_start_the_answer():
     assert requests == [{"prompt_token_ids": expected}] * 2  # the answer is started in the prompt
     assert all(p.stop == STOP_STRINGS and p.structured_outputs is None for p in params)
     assert [parse_answer(a).query for a in answers] == ["claim number 0", "claim number 1"]
+    backend.generate([prompt], seed=0, temperature=1.3)  # a retry's temperature reaches the request
+    assert engine.calls[1][1][0].temperature == 1.3
 
 
 def test_vllm_output_count_mismatch_is_an_error():
@@ -328,8 +334,8 @@ class ScriptedBackend:
     def __init__(self, script):
         self.script, self.calls = script, []
 
-    def generate(self, prompts, seed):
-        self.calls.append((len(prompts), seed))
+    def generate(self, prompts, seed, temperature=None):
+        self.calls.append((len(prompts), seed, temperature))
         return [self.script(len(self.calls) - 1, p.messages[-1]["content"]) for p in prompts]
 
 
@@ -346,23 +352,28 @@ def test_unusable_answers_are_retried_and_rows_record_everything(corpus_dir, tmp
             return json.dumps({"query": "This study looks at sleep"})  # meta-text: retried, fails again
         if "sleep" in topic:
             return json.dumps({"query": "This paper is about sleep"})
+        if call == 0 and "statins" in topic:
+            return json.dumps({"query": "which tax credits raised solar panel installations"})  # fails the round trip
         return json.dumps({"query": f"what is known about {topic.split()[0]} {topic.split()[-1]}"})
 
-    units = [u for u in plan_units(corpus, 0, 1, ["question"], seed=0) if u.doc_id in ("doc0", "doc1", "doc2", "doc3")]
+    units = [u for u in plan_units(corpus, 0, 1, ["question"], [24], seed=0) if u.doc_id in ("doc0", "doc1", "doc2", "doc3")]
     qfilter = QueryFilter(FilterSettings(round_trip="bm25", round_trip_k=3), [BM25RoundTrip(
         [corpus.doc_text(i) for i in range(len(corpus))])], prompt_texts=example_texts())
     backend = ScriptedBackend(script)
-    gen = QueryGenerator(backend, PromptBuilder(), qfilter, corpus, batch_size=4, max_retries=1, seed=0, log=lambda m: None)
+    gen = QueryGenerator(backend, PromptBuilder(), qfilter, corpus, batch_size=4, max_retries=1, retry_temperature=0.9,
+                         seed=0, log=lambda m: None)
     with JsonlAppender(tmp_path / "queries.jsonl", row_key) as out:
         stats = gen.run(units, out)
     rows = {r["doc_id"]: r for _, r in read_jsonl(tmp_path / "queries.jsonl")}
-    assert backend.calls[0][0] == 4 and backend.calls[1][0] == 3  # one batch, then the three unusable answers
-    assert stats["retried_answers"] == 3 and stats["generated_units"] == 4
+    # one batch at the recipe's temperature, then the four unusable answers at the retry temperature
+    assert [(n, t) for n, _, t in backend.calls] == [(4, None), (4, 0.9)]
+    assert stats["retried_answers"] == 4 and stats["generated_units"] == 4
     assert rows["doc0"]["attempts"] == 2 and rows["doc0"]["kept"] and rows["doc0"]["bm25_rank"] == 1
     assert rows["doc2"] | {"raw": None} == {
-        "query_id": "doc2#0", "doc_id": "doc2", "sample": 0, "query_type": "question",
+        "query_id": "doc2#0", "doc_id": "doc2", "sample": 0, "query_type": "question", "word_limit": 24,
         "query": "This paper is about sleep", "kept": False, "reject_reason": "meta_text", "attempts": 2, "raw": None}
-    assert rows["doc3"]["attempts"] == 1 and rows["doc3"]["reject_reason"] is None
+    assert rows["doc1"]["attempts"] == 2 and rows["doc1"]["kept"]
+    assert rows["doc3"]["attempts"] == 2 and rows["doc3"]["kept"] and rows["doc3"]["bm25_rank"] <= 3
 
     summary = summarise(tmp_path / "queries.jsonl", units, corpus)
     assert summary["queries_written"] == 4 and summary["queries_kept"] == 3
@@ -373,14 +384,32 @@ def test_unusable_answers_are_retried_and_rows_record_everything(corpus_dir, tmp
 
 def test_unparseable_final_answers_keep_their_raw_text(corpus_dir, tmp_path):
     corpus = load_corpus(str(corpus_dir))
-    units = plan_units(corpus, 2, 1, ["claim"], seed=0)
+    units = plan_units(corpus, 2, 1, ["claim"], [24], seed=0)
     gen = QueryGenerator(ScriptedBackend(lambda call, content: "no json here"), PromptBuilder(),
-                         QueryFilter(FilterSettings(round_trip="none")), corpus, batch_size=8, max_retries=2, seed=0)
+                         QueryFilter(FilterSettings(round_trip="none")), corpus, batch_size=8, max_retries=2,
+                         retry_temperature=1.0, seed=0)
     with JsonlAppender(tmp_path / "q.jsonl", row_key) as out:
         gen.run(units, out)
     rows = [r for _, r in read_jsonl(tmp_path / "q.jsonl")]
     assert [(r["reject_reason"], r["parse_error"], r["raw"], r["attempts"]) for r in rows] == [
         ("malformed", "no_json", "no json here", 3)] * 2
+
+
+def test_auto_task_is_brainstormed_once_and_saved(corpus_dir, tmp_path):
+    corpus = load_corpus(str(corpus_dir))
+    backend = ScriptedBackend(lambda call, content: '{"task": "Given a health question, retrieve studies that answer it."}')
+    path = tmp_path / "gen_task.json"
+    task = resolve_task("auto", backend, corpus, seed=0, path=path, log=print)
+    assert task == "Given a health question, retrieve studies that answer it." and len(backend.calls) == 1
+    assert resolve_task("auto", None, corpus, seed=0, path=path, log=print) == task  # reused, no generator needed
+    assert json.loads(path.read_text())["brainstormed"] is True
+
+    logs = []
+    garbage = ScriptedBackend(lambda call, content: "no idea")
+    assert resolve_task("auto", garbage, corpus, 0, tmp_path / "other.json", logs.append) == DEFAULT_TASK
+    assert "unusable" in logs[0]
+    assert resolve_task("", None, corpus, 0, path, print) == DEFAULT_TASK
+    assert resolve_task("Given X, find Y.", None, corpus, 0, path, print) == "Given X, find Y."
 
 
 # ---------------------------------------------------------------- the script: kill, rerun
@@ -403,11 +432,15 @@ runpy.run_path("scripts/gen_vllm.py", run_name="__main__")
 """
 
 
-def write_recipe(path: Path, corpus_dir: Path, generator: Path, run_dir: Path) -> Path:
+def write_recipe(path: Path, corpus_dir: Path, generator: Path, run_dir: Path, base_model: Path) -> Path:
     path.write_text(f"""run_dir: {run_dir}
 seed: 7
+model:
+  name_or_path: {base_model}
 data:
   corpus: {corpus_dir}
+mine:
+  cache_dir: {run_dir.parent / "cache"}
 gen:
   model: {generator}
   max_docs: 10
@@ -416,7 +449,7 @@ gen:
   max_new_tokens: 8
   temperature: 1.0
   max_retries: 1
-  round_trip: bm25
+  round_trip: either
 """, encoding="utf-8")
     return path
 
@@ -427,9 +460,9 @@ def run_script(args, script=None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_kill_mid_run_then_rerun_equals_an_uninterrupted_run(tiny_generator, corpus_dir, tmp_path):
-    whole = write_recipe(tmp_path / "whole.yaml", corpus_dir, tiny_generator, tmp_path / "whole")
-    killed = write_recipe(tmp_path / "killed.yaml", corpus_dir, tiny_generator, tmp_path / "killed")
+def test_kill_mid_run_then_rerun_equals_an_uninterrupted_run(tiny_generator, tiny_bert_dir, corpus_dir, tmp_path):
+    whole = write_recipe(tmp_path / "whole.yaml", corpus_dir, tiny_generator, tmp_path / "whole", tiny_bert_dir)
+    killed = write_recipe(tmp_path / "killed.yaml", corpus_dir, tiny_generator, tmp_path / "killed", tiny_bert_dir)
 
     first = run_script([str(killed)], KILL_AFTER_ONE_BLOCK)
     assert first.returncode == -9, first.stderr[-2000:]
@@ -454,10 +487,38 @@ def test_kill_mid_run_then_rerun_equals_an_uninterrupted_run(tiny_generator, cor
     assert summary["throughput"]["generated_units"] == 4  # only what the rerun generated
     assert summary["peak_rss_gb"] > 0 and "docs_per_s" in summary["throughput"]
     assert (tmp_path / "killed" / "gen_config.yaml").is_file()
+    # round trip 'either': BM25 and the base model, whose corpus embeddings sit in the mining stage's cache
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 1
 
 
-def test_script_user_errors_are_one_line(tiny_generator, corpus_dir, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", corpus_dir, tiny_generator, tmp_path / "run")
+def test_rerun_with_other_settings_is_refused(corpus_dir, tmp_path):
+    from embed.recipe import GenConfig
+
+    check_resume(tmp_path, GenConfig(), 1, str(corpus_dir))
+    (tmp_path / "queries.jsonl").write_text("")
+    check_resume(tmp_path, GenConfig(max_docs=500), 1, str(corpus_dir))  # more documents extend a run
+    with pytest.raises(ConfigError, match=r"other settings \(seed, gen.temperature changed\)"):
+        check_resume(tmp_path, GenConfig(temperature=0.1), 2, str(corpus_dir))
+
+
+def test_gen_config_checks():
+    import importlib.util
+
+    from embed.recipe import GenConfig
+
+    spec = importlib.util.spec_from_file_location("gen_vllm", REPO / "scripts" / "gen_vllm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.check_gen_config(GenConfig())
+    for bad, key in [(dict(query_lengths=[40]), "gen.query_lengths"), (dict(query_lengths=[]), "gen.query_lengths"),
+                     (dict(query_types=["claims"]), "gen.query_types"), (dict(batch_size=0), "gen.batch_size"),
+                     (dict(round_trip_k=101), "gen.round_trip_k"), (dict(top_p=0.0), "gen.top_p")]:
+        with pytest.raises(ConfigError, match=key):
+            script.check_gen_config(GenConfig(**bad))
+
+
+def test_script_user_errors_are_one_line(tiny_generator, tiny_bert_dir, corpus_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", corpus_dir, tiny_generator, tmp_path / "run", tiny_bert_dir)
     bad_type = run_script([str(recipe), "--gen.query_types", "[claims]"])
     assert bad_type.returncode == 2 and bad_type.stderr.strip().splitlines()[-1].startswith(
         "error: key 'gen.query_types': unknown type 'claims'")

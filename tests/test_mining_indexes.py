@@ -47,6 +47,15 @@ def test_ivf_with_every_list_probed_equals_exact(tmp_path):
     np.testing.assert_array_equal(again.search(queries, 8)[1], exact)
 
 
+def test_hnsw_finds_nearly_all_exact_neighbours():
+    corpus = random_unit(500, 16, 4).astype(np.float16)
+    queries = random_unit(20, 16, 5)
+    exact = DenseIndex(corpus).search(queries, 10)[1]
+    approx = DenseIndex(corpus, index="HNSW16,SQfp16", search_params="efSearch=64").search(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9
+
+
 def test_bad_index_settings_name_the_key():
     corpus = random_unit(10, 8, 0).astype(np.float16)
     with pytest.raises(ConfigError, match="mine.index"):

@@ -53,11 +53,11 @@ def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def recipe(tmp_path, teacher, corpus, **mine):
+def recipe(tmp_path, model, corpus, **mine):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
         "run_dir": str(tmp_path / "run"), "seed": 1,
-        "model": {"name_or_path": teacher, "max_length": 32, "query_max_length": 16},
+        "model": {"name_or_path": model, "max_length": 32, "query_max_length": 16},
         "data": {"corpus": str(corpus)},
         "mine": {"num_negatives": 3, "depth": 20, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), **mine},
     }))
@@ -88,6 +88,29 @@ def check_train_set(path: Path, qrels: dict, num_negatives: int, summary: dict):
         short += len(r["neg_ids"]) < num_negatives
     assert short == summary["queries_short_of_negatives"]
     return rows
+
+
+def test_token_length_batches_give_the_same_embeddings(tiny_teacher, monkeypatch):
+    from embed.mining import encode_by_token_length
+    from embed.model import EmbeddingModel
+
+    model = EmbeddingModel.from_pretrained(tiny_teacher, max_length=32)
+    texts = [" ".join(["word"] * n) for n in (3, 40, 1, 17, 9, 25, 2, 30)]  # token order != input order
+    expected = model.encode(texts, kind="document", batch_size=3)
+    batches = []
+    original = model.encode
+    monkeypatch.setattr(model, "encode", lambda chunk, **kw: batches.append(list(chunk)) or original(chunk, **kw))
+    np.testing.assert_allclose(encode_by_token_length(model, texts, "document", 3), expected, atol=1e-5)
+    assert [len(b) for b in batches] == [3, 3, 2]
+    assert batches[0] == [texts[1], texts[7], texts[5]]  # the longest three (40, 30 -> 32 tokens; 25)
+
+
+def test_same_query_text_under_two_ids_shares_exclusions():
+    from embed.mining import MiningQuery, exclude_positives_of_same_text
+
+    queries = [MiningQuery("a", "Is X true?", [1]), MiningQuery("b", "is  x TRUE?", [2]), MiningQuery("c", "other", [3])]
+    exclude_positives_of_same_text(queries)
+    assert [q.excluded_rows for q in queries] == [[2], [1], []]
 
 
 # ---------------------------------------------------------------- judged pairs

@@ -39,6 +39,12 @@ def test_build_has_system_example_turn_and_document_last():
     assert prompt.answer_prefix == ANSWER_PREFIX
 
 
+def test_word_limit_varies_in_the_request_not_in_the_example():
+    prompt = PromptBuilder(max_words=24).build(DOC, "claim", max_words=8)
+    assert "at most 8 words" in prompt.messages[-1]["content"]
+    assert "at most 24 words" in prompt.messages[1]["content"]  # the shared prefix stays the same
+
+
 def test_without_few_shot_there_is_no_example_turn():
     prompt = PromptBuilder(few_shot=False).build(DOC, "keywords")
     assert [m["role"] for m in prompt.messages] == ["system", "user"]
