@@ -4,7 +4,7 @@ Usage:
     python scripts/mine_faiss.py recipes/scifact-mine-minilm-cpu.yaml        # judged pairs (mine.qrels: train)
     python scripts/mine_faiss.py recipes/scifact-minilm-cpu.yaml --run_dir DIR  # DIR/queries.jsonl from gen_vllm.py
     python scripts/mine_faiss.py RECIPE.yaml --mine.qrels train --mine.num_negatives 8   # any key overridden
-    accelerate launch --num_processes 8 scripts/mine_faiss.py RECIPE.yaml   # corpus encoding sharded over GPUs
+    accelerate launch --multi_gpu --num_processes 8 scripts/mine_faiss.py RECIPE.yaml   # corpus encoding sharded over processes
 
 Reads the generation stage's `run_dir/queries.jsonl` (rows with kept=true; the source document is the
 positive) or, with `mine.qrels`, judged pairs; mines negatives from `data.corpus`. Writes
@@ -37,9 +37,11 @@ def main():
     cfg = parse_recipe("mine", description=__doc__)
     mc, run_dir = cfg.mine, Path(cfg.run_dir)
     check_mine_config(mc)
+    import torch
     from accelerate import PartialState  # after --help: importing accelerate costs a second
 
-    state = PartialState()
+    # cpu=True without CUDA: gloo processes under `accelerate launch --multi_gpu --num_processes N`
+    state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     log = log_line if rank == 0 else (lambda msg: None)
     timings, started = {}, time.perf_counter()

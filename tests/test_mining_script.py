@@ -268,7 +268,9 @@ def test_two_process_launch_shards_encoding_and_matches_one_process(tmp_path, ti
     run_in_process(monkeypatch, recipe(one, tiny_teacher, beir, qrels="train", cache_chunk_size=8))
     two = tmp_path / "two"
     two.mkdir()
-    proc = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate's `--cpu --num_processes 2` starts one process without MPI: the torchrun launcher does two
+    proc = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--main_process_port", "29533",
                            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "mine_faiss.py"),
                            str(recipe(two, tiny_teacher, beir, qrels="train", cache_chunk_size=8))],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
