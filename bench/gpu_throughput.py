@@ -34,10 +34,14 @@ MFU_GOAL = 0.40
 FULL = dict(shape=BGE_BASE, queries=128, seq=256, matmul=8192, warmup=3, windows=3, steps=5, compile_backend="inductor")
 # Dry: the same code on CPU; "aot_eager" traces the graphs as inductor would, without generating code.
 DRY = dict(shape=TINY_BERT, queries=4, seq=32, matmul=256, warmup=1, windows=1, steps=2, compile_backend="aot_eager")
-# name -> (compile the layers, weight dtype; fp32 weights run under bf16 autocast)
-VARIANTS = {"eager_autocast": (False, torch.float32), "compiled_autocast": (True, torch.float32),
-            "compiled_bf16_weights": (True, torch.bfloat16)}
-SECONDS_NEEDED = {"eager_autocast": 20, "compiled_autocast": 90, "compiled_bf16_weights": 90}
+# name -> (compile the layers, weight dtype, dropout); fp32 weights run under bf16 autocast. Pure bf16
+# weights are the fastest but not what train.py does: AdamW updates of ~lr*1 vanish in bf16's 8-bit
+# mantissa (the loss falls far slower), so the recipe path is the autocast one.
+VARIANTS = {"eager_autocast": (False, torch.float32, 0.1), "compiled_autocast": (True, torch.float32, 0.1),
+            "compiled_autocast_no_dropout": (True, torch.float32, 0.0),
+            "compiled_bf16_weights": (True, torch.bfloat16, 0.1)}
+SECONDS_NEEDED = {"eager_autocast": 20, "compiled_autocast": 60, "compiled_autocast_no_dropout": 60,
+                  "compiled_bf16_weights": 60}
 
 
 def training_flops_per_sequence(layer_params: int, layers: int, hidden: int, seq: int) -> int:
@@ -48,7 +52,7 @@ def datasheet_tflops(device_name: str) -> float | None:
     return next((tflops for key, tflops in DATASHEET_BF16_TFLOPS if key in device_name), None)
 
 
-def bert_embedding_model(shape: dict, device: torch.device, dtype: torch.dtype = torch.float32):
+def bert_embedding_model(shape: dict, device: torch.device, dtype: torch.dtype = torch.float32, dropout: float = 0.1):
     """EmbeddingModel over a random-init BERT (sdpa attention, no pooler: it never reaches the embedding)."""
     from transformers import BertConfig, BertModel
 
@@ -57,7 +61,9 @@ def bert_embedding_model(shape: dict, device: torch.device, dtype: torch.dtype =
 
     torch.manual_seed(0)
     with torch.device(device):
-        backbone = BertModel(BertConfig(**shape, attn_implementation="sdpa"), add_pooling_layer=False)
+        config = BertConfig(**shape, attn_implementation="sdpa", hidden_dropout_prob=dropout,
+                            attention_probs_dropout_prob=dropout)
+        backbone = BertModel(config, add_pooling_layer=False)
     settings = EncoderSettings(pooling="mean", normalize=True)
     model = EmbeddingModel(backbone.to(dtype), None, build_pooling("mean", shape["hidden_size"]), settings)
     return model.train()
@@ -89,9 +95,9 @@ def matmul_ceiling(device: torch.device, size: int, repeats: int = 10) -> dict:
 def measure_variant(part: Part, sizes: dict, variant: str, ceiling_tflops: float, datasheet: float | None) -> dict:
     from embed.loss import InfoNCELoss
 
-    compiled, weight_dtype = VARIANTS[variant]
+    compiled, weight_dtype, dropout = VARIANTS[variant]
     device, shape, queries, seq = part.device, sizes["shape"], sizes["queries"], sizes["seq"]
-    model = bert_embedding_model(shape, device, weight_dtype)
+    model = bert_embedding_model(shape, device, weight_dtype, dropout)
     if compiled:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -133,7 +139,7 @@ def measure_variant(part: Part, sizes: dict, variant: str, ceiling_tflops: float
                      "attention": "sdpa", "precision": "bf16 autocast over fp32 weights" if amp_dtype else
                      "bf16 weights, no autocast", "compile": f"per-layer torch.compile, backend {sizes['compile_backend']}, "
                      "default mode (no CUDA graphs)" if compiled else "none (eager)",
-                     "optimizer": "AdamW fused" if device.type == "cuda" else "AdamW", "dropout": 0.1,
+                     "optimizer": "AdamW fused" if device.type == "cuda" else "AdamW", "dropout": dropout,
                      "loss": "InfoNCE, temperature 0.02, in-batch negatives", "pooling": "mean, normalised"},
         **timing, **peak_memory(device)}
     if compiled:
@@ -154,15 +160,18 @@ def run(part: Part) -> None:
         part.attempt(variant, lambda variant=variant: measure_variant(part, sizes, variant, ceiling["tflops"], datasheet),
                      needs_seconds=0 if part.dry else SECONDS_NEEDED[variant])
     measured = {name: r for name, r in part.report["results"].items() if isinstance(r, dict) and "mfu_vs_measured_matmul" in r}
-    if measured:
-        name, best = max(measured.items(), key=lambda item: item[1]["mfu_vs_measured_matmul"])
+    # The check is on what train.py runs: fp32 master weights under bf16 autocast.
+    training_path = {name: r for name, r in measured.items() if VARIANTS[name][1] == torch.float32}
+    if training_path:
+        name, best = max(training_path.items(), key=lambda item: item[1]["mfu_vs_measured_matmul"])
         part.put("best", {"variant": name, "sequences_per_s": best["sequences_per_s"],
                           "mfu_vs_measured_matmul": best["mfu_vs_measured_matmul"],
                           "mfu_vs_datasheet": best["mfu_vs_datasheet"],
-                          "meets_goal_40pct_of_datasheet": None if best["mfu_vs_datasheet"] is None
-                          else best["mfu_vs_datasheet"] >= MFU_GOAL,
                           "meets_goal_40pct_of_matmul": best["mfu_vs_measured_matmul"] >= MFU_GOAL})
-        part.check("mfu_at_least_40pct_of_datasheet", part.field("best", "meets_goal_40pct_of_datasheet"))
+        # The issue's MFU is against the matmul measured in the same run; the datasheet ratio is reported too.
+        on_gpu = part.device.type == "cuda"  # a CPU's MFU is no GPU figure: not measurable there
+        part.check("mfu_at_least_40pct_of_measured_matmul", part.field("best", "meets_goal_40pct_of_matmul") if on_gpu else None)
+    if measured:
         part.check("losses_finite", all(r["losses_finite"] for r in measured.values()))
 
 

@@ -172,6 +172,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
     gradcache_chunk_size: int = opt(0, "GradCache chunk (0 = off): big contrastive batches on small GPUs")
+    compile: bool = opt(False, "torch.compile each transformer layer (GPU: +25% training throughput)")
     max_steps: int = opt(0, "cap on total optimizer steps over all stages (0 = none); for smoke runs")
     save_steps: int = opt(200, "checkpoint every N steps (and at each stage end)")
     save_total_limit: int = opt(2, "checkpoints kept")

@@ -103,6 +103,10 @@ def main():
         from embed.lora import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model.backbone)
+    if tc.compile:
+        from embed.compile import compile_layers
+
+        accelerator.print(f"compile: {compile_layers(model.backbone)} layers, torch.compile (inductor)")
     raw_model = model
     accelerator.print(f"model: {cfg.model.name_or_path} | pooling {model.settings.pooling} | "
                       f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "

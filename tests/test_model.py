@@ -59,3 +59,24 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 def test_bundled_minilm_alias_loads():
     m = EmbeddingModel.from_pretrained("minilm")
     assert m.settings.pooling == "mean" and m.settings.max_length == 256 and m.hidden_size == 384
+
+
+def test_compile_layers_compiles_every_layer_in_place(tmp_path):
+    """Regional compilation finds the layer stack, keeps parameter names and the outputs."""
+    import torch
+
+    from embed.compile import compile_layers, repeated_layers
+
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(make_tiny_bert(tmp_path / "model")).eval()
+    names_before = [name for name, _ in backbone.named_parameters()]
+    features = {"input_ids": torch.tensor([[101, 5, 6, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        before = backbone(**features).last_hidden_state
+    assert repeated_layers(backbone) is backbone.encoder.layer
+    assert compile_layers(backbone, backend="eager") == backbone.config.num_hidden_layers
+    with torch.no_grad():
+        after = backbone(**features).last_hidden_state
+    assert [name for name, _ in backbone.named_parameters()] == names_before
+    assert torch.allclose(before, after, atol=1e-6)
