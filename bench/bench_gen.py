@@ -4,7 +4,8 @@ Usage:
     python bench/bench_gen.py [--corpus ../shared/data/scifact] [--batch 16] [--single 4] [--dtype float32]
 
 Both modes build the same prompts (recipe defaults) from the first documents of the corpus and
-sample with the same settings; one-at-a-time runs the first `--single` of them alone. A warm-up
+sample with the same settings; one-at-a-time runs the first `--single` of them alone. The batch
+holds one query type, as `QueryGenerator` forms its blocks (one chat prefix, one prefix cache). A warm-up
 call runs first so one-time costs are not counted. Prints one JSON object: queries/s of each
 mode, their ratio, and documents/min at the batched rate (one query per document).
 """
@@ -41,6 +42,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="prompts in the batched call")
     parser.add_argument("--single", type=int, default=4, help="prompts generated one at a time")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--query_type", default=GenConfig().query_types[0])
     parser.add_argument("--max_doc_words", type=int, default=GenConfig.max_doc_words)
     args = parser.parse_args()
 
@@ -52,8 +54,7 @@ def main():
                                   dtype=args.dtype)
     load_s = time.perf_counter() - start
     builder = PromptBuilder(max_words=max(defaults.query_lengths), max_doc_words=args.max_doc_words)
-    types = defaults.query_types
-    prompts = [builder.build(corpus.doc_text(i), types[i % len(types)]) for i in range(args.batch)]
+    prompts = [builder.build(corpus.doc_text(i), args.query_type) for i in range(args.batch)]
     backend.generate(prompts[:2], seed=0)  # warm-up: allocator, kernels, stop-string tables
 
     # ------------------------------------------------------------------ measure

@@ -1,9 +1,12 @@
 """Training throughput: our train.py loop vs sentence-transformers' Trainer + MultipleNegativesRankingLoss.
 
 Same model (bundled MiniLM), same data (SciFact train pairs + 1 BM25 hard negative), batch 32,
-max length 256, CPU fp32. The two run alternately (ours, theirs, ours, theirs, ...) so machine
-load drifts hit both; each figure counts training-loop time only (model loading excluded), as
-samples per second. Prints JSON.
+max length 256, on the CPU. Ours runs at its default precision (`train.precision: auto`: bf16
+autocast on a CPU with native bf16, else fp32); sentence-transformers at its default (fp32) and,
+for a like-for-like figure, with `bf16=True` (the same CPU autocast) when the CPU has native
+bf16. They run alternately (ours, theirs, theirs bf16, ours, ...) so machine load drifts hit all;
+each figure counts training-loop time only (model loading excluded), as samples per second.
+Prints JSON.
 
     python bench/bench_train.py [--steps 8] [--rounds 2] [--data ../shared/data/scifact]
 """
@@ -21,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from embed.hardware import choose_precision, cpu_has_native_bf16  # noqa: E402
 
 
 def build_training_set(data_dir: str, out: Path) -> Path:
@@ -57,7 +62,7 @@ def run_ours(train_file: Path, steps: int, batch: int, workdir: Path) -> float:
     return summary["train_samples_per_second"]
 
 
-def run_theirs(train_file: Path, steps: int, batch: int, workdir: Path) -> float:
+def run_theirs(train_file: Path, steps: int, batch: int, workdir: Path, bf16: bool = False) -> float:
     code = f"""
 import json, time, sys
 sys.path.insert(0, {str(REPO)!r})
@@ -74,7 +79,8 @@ model = SentenceTransformer(resolve_model("minilm"), device="cpu")
 model.max_seq_length = 256
 args = SentenceTransformerTrainingArguments(output_dir={str(workdir / 'st')!r}, per_device_train_batch_size={batch},
     max_steps={steps}, learning_rate=2e-5, warmup_ratio=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES,
-    save_strategy="no", report_to="none", logging_steps=1000, use_cpu=True, dataloader_drop_last=True, seed=42)
+    save_strategy="no", report_to="none", logging_steps=1000, use_cpu=True, dataloader_drop_last=True, seed=42,
+    bf16={bf16})
 trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
                                      loss=MultipleNegativesRankingLoss(model))
 t0 = time.time(); trainer.train(); dt = time.time() - t0
@@ -96,17 +102,24 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train_file = build_training_set(args.data, tmp / "train.jsonl")
-        ours, theirs = [], []
+        native_bf16 = cpu_has_native_bf16()
+        ours, theirs, theirs_bf16 = [], [], []
         for _ in range(args.rounds):
             ours.append(run_ours(train_file, args.steps, args.batch, tmp))
             theirs.append(run_theirs(train_file, args.steps, args.batch, tmp))
+            if native_bf16:
+                theirs_bf16.append(run_theirs(train_file, args.steps, args.batch, tmp, bf16=True))
     result = {
         "benchmark": "train_throughput", "model": "all-MiniLM-L6-v2 (bundled)", "batch": args.batch,
         "max_length": 256, "steps_per_run": args.steps, "rounds": args.rounds, "device": "cpu",
-        "cpu_count": os.cpu_count(), "ours_samples_per_s": [round(x, 2) for x in ours],
-        "sentence_transformers_samples_per_s": [round(x, 2) for x in theirs],
+        "cpu_count": os.cpu_count(), "ours_precision": choose_precision("auto")[1],
+        "ours_samples_per_s": [round(x, 2) for x in ours],
+        "sentence_transformers_fp32_samples_per_s": [round(x, 2) for x in theirs],
         "ratio_ours_over_st": round(statistics.median(ours) / statistics.median(theirs), 3),
     }
+    if theirs_bf16:
+        result["sentence_transformers_bf16_samples_per_s"] = [round(x, 2) for x in theirs_bf16]
+        result["ratio_ours_over_st_bf16"] = round(statistics.median(ours) / statistics.median(theirs_bf16), 3)
     print(json.dumps(result, indent=2))
 
 

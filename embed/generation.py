@@ -188,7 +188,16 @@ class QueryGenerator:
         return rows
 
     def run(self, units: Sequence[Unit], out: JsonlAppender, progress=None) -> dict:
-        """Generate every block with a unit not yet on disk; return this session's throughput."""
+        """Generate every block with a unit not yet on disk; return this session's throughput.
+
+        A block holds one query type: its prompts share one chat prefix (the worked example differs
+        by type), so the backend runs the whole block as one batch from one prefix cache, where
+        rotating types would split a block of 16 into three small batches. The order is a function
+        of the plan alone, so a resumed run forms the same blocks."""
+        type_order: dict[str, int] = {}
+        for u in units:
+            type_order.setdefault(u.query_type, len(type_order))
+        units = sorted(units, key=lambda u: type_order[u.query_type])  # stable: plan order within a type
         blocks = [units[i:i + self.batch_size] for i in range(0, len(units), self.batch_size)]
         started, docs_done, units_done = time.perf_counter(), 0, 0
         for b, block in enumerate(blocks):

@@ -5,6 +5,17 @@ import os
 
 import torch
 
+from embed.config import ConfigError
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run in hardware, and autocast trains ~1.6x faster than fp32
+    (MiniLM, batch 64 x 256 tokens, on this project's EPYC). Elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probes
+        return False
+
 
 def choose_precision(requested: str) -> tuple[str, str]:
     """Map the recipe's `train.precision` to accelerate's mixed_precision and say why.
@@ -20,8 +31,10 @@ def choose_precision(requested: str) -> tuple[str, str]:
         if launcher in ("fp16", "bf16"):
             requested = launcher
             why = "set by the accelerate config"
+        elif not cuda and cpu_has_native_bf16():
+            return "bf16", "bf16 autocast on CPU: it has native bf16 (AVX512-BF16/AMX), ~1.6x faster than fp32"
         elif not cuda:
-            return "no", "fp32: no CUDA device (CPU autocast is slower and lossier than fp32 here)"
+            return "no", "fp32: no CUDA device, and this CPU emulates bf16 (autocast would be slower)"
         elif major >= 8:
             return "bf16", f"bf16: sm_{major}x has native bf16 (no loss scaling needed)"
         else:
@@ -30,11 +43,29 @@ def choose_precision(requested: str) -> tuple[str, str]:
         why = "requested by the recipe"
     if requested == "fp32":
         return "no", "fp32: " + why
-    if requested in ("fp16", "bf16") and not cuda:
-        raise ValueError(f"train.precision={requested} needs a CUDA device; use fp32 or auto on CPU")
-    if requested == "bf16" and major < 8:
-        raise ValueError(f"train.precision=bf16 needs sm_80+ (this GPU is sm_{major}x): use fp16")
+    if requested == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 needs a CUDA device; use auto, bf16 or fp32 on CPU")
+    if requested == "bf16" and not cuda and not cpu_has_native_bf16():
+        raise ConfigError("train.precision=bf16 on CPU needs native bf16 (AVX512-BF16 or AMX); use fp32 or auto")
+    if requested == "bf16" and cuda and major < 8:
+        raise ConfigError(f"train.precision=bf16 needs sm_80+ (this GPU is sm_{major}x): use fp16")
     return requested, f"{requested}: {why}"
+
+
+def encode_autocast(device: torch.device, requested: str = "auto"):
+    """(autocast context, 'bf16' | 'fp32') for encoding with fp32 weights. auto: bf16 where the
+    hardware has it natively (sm_80+, or a CPU with AVX512-BF16/AMX), fp32 elsewhere. For scores
+    that only rank (mining, round trips); evaluation stays fp32, as the leaderboard's."""
+    import contextlib
+
+    if requested == "auto":
+        if device.type == "cuda":
+            requested = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+        else:
+            requested = "bf16" if cpu_has_native_bf16() else "fp32"
+    if requested == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16), "bf16"
+    return contextlib.nullcontext(), "fp32"
 
 
 def peak_rss_gb() -> float:

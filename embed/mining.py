@@ -80,6 +80,7 @@ class MiningQuery:
     positive_rows: list[int]
     excluded_rows: list[int] = dataclasses.field(default_factory=list)
     origin: str = ""
+    positive_text: Optional[str] = None  # an inverse-cloze pair's positive: its document less the query sentence
 
 
 def resolve_qrels_path(qrels: str, corpus_spec: str) -> Path:
@@ -150,7 +151,11 @@ def queries_from_generation(path: Path, corpus: Corpus, skipped: Counter, log: L
         if source is None:
             missing.append((line_no, row["doc_id"]))
             continue
-        out.append(MiningQuery(qid, row["query"], [source], origin="generated"))
+        positive_text = row.get("positive_text")
+        if positive_text is not None and not isinstance(positive_text, str):
+            raise DataError(f"{path}:{line_no}: field 'positive_text' must be a string")
+        out.append(MiningQuery(qid, row["query"], [source], origin="cloze" if row.get("query_type") == "cloze" else "generated",
+                               positive_text=positive_text))
     if missing:
         skipped["positive_not_in_corpus"] += len(missing)
         line_no, doc_id = missing[0]
@@ -168,18 +173,20 @@ def exclude_positives_of_same_text(queries: list[MiningQuery]) -> None:
         q.excluded_rows = sorted(by_text[normalise_text(q.text)] - set(q.positive_rows))
 
 
-def load_mining_queries(cfg, corpus: Corpus, skipped: Counter, log: Log = log_line) -> tuple[list[MiningQuery], str]:
-    """(queries, where they came from): qrels when `mine.qrels` is set, else run_dir/queries.jsonl."""
+def load_mining_queries(cfg, corpus: Corpus, skipped: Counter, log: Log = log_line) -> tuple[list[MiningQuery], list[Path]]:
+    """(queries, the files they came from): qrels when `mine.qrels` is set, else the generation
+    stage's run_dir/queries.jsonl and run_dir/cloze_queries.jsonl, whichever exist."""
     if cfg.mine.qrels:
-        path = resolve_qrels_path(cfg.mine.qrels, cfg.data.corpus)
-        queries = queries_from_qrels(path, cfg.mine.queries, corpus, skipped, log)
-    else:
-        path = Path(cfg.run_dir) / "queries.jsonl"
-        if not path.is_file():
-            raise DataError(f"{path}: file not found (run scripts/gen_vllm.py first, or set mine.qrels to mine judged pairs)")
-        queries = queries_from_generation(path, corpus, skipped, log)
+        paths = [resolve_qrels_path(cfg.mine.qrels, cfg.data.corpus)]
+        queries = queries_from_qrels(paths[0], cfg.mine.queries, corpus, skipped, log)
+    else:  # the LLM's queries and the inverse-cloze ones, whichever the generation stage wrote
+        paths = [p for p in (Path(cfg.run_dir) / "queries.jsonl", Path(cfg.run_dir) / "cloze_queries.jsonl") if p.is_file()]
+        if not paths:
+            raise DataError(f"{Path(cfg.run_dir) / 'queries.jsonl'}: file not found (run scripts/gen_vllm.py first, "
+                            "or set mine.qrels to mine judged pairs)")
+        queries = [q for p in paths for q in queries_from_generation(p, corpus, skipped, log)]
     exclude_positives_of_same_text(queries)
-    return queries, str(path)
+    return queries, paths
 
 
 # ---------------------------------------------------------------- the teacher and its corpus embeddings
@@ -221,7 +228,7 @@ def encode_by_token_length(model, texts: Sequence[str], kind: str, batch_size: i
     return out
 
 
-def teacher_cache(model, name: str, dtype: str, corpus: Corpus, texts: Sequence[str], cache_root):
+def teacher_cache(model, name: str, dtype: str, corpus: Corpus, texts: Sequence[str], cache_root, precision: str = "fp32"):
     """The cache entry for this teacher + corpus; query-side settings are left out of the key."""
     from embed.embedding_cache import CorpusEmbeddingCache, cache_key, corpus_fingerprint, model_fingerprint
     from embed.paths import resolve_model
@@ -230,6 +237,8 @@ def teacher_cache(model, name: str, dtype: str, corpus: Corpus, texts: Sequence[
     for query_only in ("query_prompt", "query_max_length"):
         settings.pop(query_only, None)
     settings["dtype"] = dtype
+    if precision != "fp32":  # fp32 entries keep the key they had before encoding precision was a setting
+        settings["encode_precision"] = precision
     key, described = cache_key(model_fingerprint(resolve_model(name)), settings, corpus_fingerprint(corpus.ids, texts))
     return CorpusEmbeddingCache(cache_root, key, described, corpus.ids)
 
@@ -302,7 +311,8 @@ def to_train_row(mined: MinedQuery, corpus: Corpus) -> dict:
     neg = mined.selection.indices
     return TrainExample(
         query=q.text, query_id=q.query_id,
-        pos_ids=[corpus.ids[r] for r in q.positive_rows], pos_texts=[corpus.doc_text(r) for r in q.positive_rows],
+        pos_ids=[corpus.ids[r] for r in q.positive_rows],
+        pos_texts=[q.positive_text] if q.positive_text is not None else [corpus.doc_text(r) for r in q.positive_rows],
         neg_ids=[corpus.ids[r] for r in neg], neg_texts=[corpus.doc_text(r) for r in neg],
         pos_scores=[round(s, 6) for s in mined.positive_scores],
         neg_scores=[round(s, 6) for s in mined.selection.scores], source=q.origin,

@@ -117,6 +117,8 @@ class GenConfig:
     copy_ngram: int = opt(3, "filter: n of the copy check")
     round_trip: Literal["none", "bm25", "model", "both", "either"] = opt("bm25", "filter: keep a query only if its document ranks in the top round_trip_k under BM25 / the base model (model.*)")
     round_trip_k: int = opt(10, "filter: rank the source document must reach (<= 100)")
+    cloze_queries: bool = opt(False, "also an inverse-cloze query for every document, no LLM: one of its sentences (min_words..max_words + 8) is the query, the rest the positive (run_dir/cloze_queries.jsonl)")
+    cloze_keep_sentence: float = opt(0.1, "share of cloze pairs whose positive keeps the query sentence (ORQA: 0.1)")
     vllm: GenVllmConfig = opt(GenVllmConfig(), "vllm backend")
     openai: GenOpenAIConfig = opt(GenOpenAIConfig(), "openai backend")
 
@@ -140,6 +142,7 @@ class MineConfig:
     index_search_params: str = opt("", "faiss search-time parameters of an approximate index, e.g. 'nprobe=32' or 'efSearch=128'")
     batch_size: int = opt(1024, "queries encoded, searched and written per step (the resume granularity)")
     encode_batch_size: int = opt(64, "texts per forward pass when encoding corpus and queries")
+    encode_precision: Literal["auto", "fp32", "bf16"] = opt("auto", "teacher encoding: auto = bf16 autocast where the hardware has native bf16 (sm_80+, AVX512-BF16/AMX CPUs; ~1.6x faster on this CPU), else fp32")
     cache_dir: str = opt("", "corpus-embedding cache root ('' = $EMBED_CACHE_DIR, else ~/.cache/embed)")
     cache_chunk_size: int = opt(8192, "documents per cached chunk: the unit of encoding resume and of sharding over processes")
 

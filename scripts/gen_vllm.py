@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from embed.cli import run_main
 from embed.config import ConfigError, parse_recipe
-from embed.data import JsonlAppender, load_corpus, write_json_atomic
+from embed.cloze_queries import cloze_pairs
+from embed.data import JsonlAppender, load_corpus, read_jsonl, write_json_atomic, write_jsonl_atomic
 from embed.embedding_cache import DEFAULT_CACHE_ROOT
 from embed.generation import (QueryGenerator, check_resume, log_samples, plan_units, resolve_task, row_key,
                               summarise)
@@ -81,6 +82,19 @@ def round_trip_retrievers(cfg, corpus, texts, log) -> list:
             f"({'cache hit' if hit else 'encoded'}: {cache.dir})")
         retrievers.append(DenseRoundTrip(lambda qs: model.encode(qs, kind="query"), emb))
     return retrievers
+
+
+def write_cloze_queries(path: Path, corpus, gen, seed: int) -> int:
+    """Made whole in seconds, deterministic in the seed, so no resume is needed; an unchanged file is
+    left untouched, so that the mining stage's resume (keyed on its inputs' size and mtime) holds.
+    Cloze sentences run longer than typed queries, hence the longer limit."""
+    pairs = cloze_pairs(corpus, seed=seed, min_words=max(gen.min_words, 6), max_words=gen.max_words + 8,
+                        keep_probability=gen.cloze_keep_sentence)
+    rows = [{"doc_id": p.doc_id, "query_id": f"cloze:{p.doc_id}", "query": p.query, "query_type": "cloze",
+             "kept": True, "positive_text": p.positive, "kept_sentence": p.kept_sentence} for p in pairs]
+    if path.is_file() and [row for _, row in read_jsonl(path)] == rows:
+        return len(rows)
+    return write_jsonl_atomic(path, rows)
 
 
 def main():
@@ -138,8 +152,14 @@ def main():
     if backend is not None:
         backend.close()
 
+    # ------------------------------------------------------------------ inverse-cloze queries (seconds, every document)
+    cloze_written = write_cloze_queries(run_dir / "cloze_queries.jsonl", corpus, gen, cfg.seed) if gen.cloze_queries else 0
+    if gen.cloze_queries:
+        log(f"cloze: {cloze_written} inverse-cloze queries for {len(corpus)} documents -> {run_dir / 'cloze_queries.jsonl'}")
+
     # ------------------------------------------------------------------ summary
     summary = summarise(out.path, units, corpus)
+    summary["cloze_queries"] = cloze_written
     timings["total"] = time.perf_counter() - started
     summary.update({
         "backend": gen.backend, "generator": gen.model, "seed": cfg.seed, "task": builder.task,

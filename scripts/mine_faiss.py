@@ -15,7 +15,6 @@ corpus. Rerunning a killed run resumes: finished queries are kept, none is writt
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +25,7 @@ from embed.config import parse_recipe
 from embed.data import DataError, load_corpus, write_json_atomic
 from embed.dense_index import DenseIndex, num_gpus
 from embed.embedding_cache import corpus_embeddings, default_cache_root
-from embed.hardware import peak_rss_gb
+from embed.hardware import encode_autocast, peak_rss_gb
 from embed.mining import (NegativeMiner, ResumableOutput, batched, check_mine_config, encode_by_token_length,
                           load_mining_queries, load_teacher, log_line, plot_scores, rules_from_config, summarise,
                           teacher_cache)
@@ -50,7 +49,8 @@ def main():
     t = time.perf_counter()
     corpus = load_corpus(cfg.data.corpus)
     skipped = Counter({f"corpus_{reason}": n for reason, n in corpus.skipped.items()})
-    queries, origin = load_mining_queries(cfg, corpus, skipped, log)
+    queries, sources = load_mining_queries(cfg, corpus, skipped, log)
+    origin = " + ".join(map(str, sources))
     if not queries:
         raise DataError(f"{origin}: no queries to mine (skipped: {dict(skipped)})")
     texts = [corpus.doc_text(i) for i in range(len(corpus))]
@@ -62,10 +62,17 @@ def main():
     teacher, teacher_name = load_teacher(cfg, state.device)
     timings["load_teacher"] = time.perf_counter() - t
     t = time.perf_counter()
-    cache = teacher_cache(teacher, teacher_name, cfg.model.dtype, corpus, texts, default_cache_root(mc.cache_dir))
-    log(f"teacher: {teacher_name} on {state.device} x {world} process(es) | cache {cache.dir}")
+    autocast, precision = encode_autocast(torch.device(state.device), mc.encode_precision)
+    cache = teacher_cache(teacher, teacher_name, cfg.model.dtype, corpus, texts, default_cache_root(mc.cache_dir),
+                          precision=precision)
+    log(f"teacher: {teacher_name} on {state.device} x {world} process(es), {precision} | cache {cache.dir}")
+
+    def encode(texts_: list[str], kind: str):
+        with autocast:
+            return encode_by_token_length(teacher, texts_, kind, mc.encode_batch_size)
+
     corpus_emb, cache_hit = corpus_embeddings(
-        cache, texts, lambda chunk: encode_by_token_length(teacher, chunk, "document", mc.encode_batch_size),
+        cache, texts, lambda chunk: encode(chunk, "document"),
         chunk_size=mc.cache_chunk_size, rank=rank, world_size=world, barrier=state.wait_for_everyone, log=log_line)
     timings["corpus_embeddings"] = time.perf_counter() - t
     log(f"corpus embeddings: {corpus_emb.shape} fp16 ({'cache hit' if cache_hit else 'encoded'}, "
@@ -83,9 +90,9 @@ def main():
 
     # ------------------------------------------------------------------ mining (resumable, batch by batch)
     settings = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("batch_size", "encode_batch_size", "cache_dir", "cache_chunk_size")}
-    stat = os.stat(origin)
+    inputs = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
     output = ResumableOutput(run_dir, {"mine": settings, "seed": cfg.seed, "embeddings": cache.key,
-                                       "input": [origin, stat.st_size, stat.st_mtime_ns]}, log)
+                                       "input": inputs[0] if len(inputs) == 1 else inputs}, log)
     todo = [q for q in queries if q.query_id not in output.done]
     if len(todo) < len(queries):
         log(f"resuming: {len(queries) - len(todo)} of {len(queries)} queries already mined")
@@ -93,7 +100,7 @@ def main():
     encode_queries, mined_now = 0.0, 0
     for batch in batched(todo, mc.batch_size):
         tq = time.perf_counter()
-        query_emb = encode_by_token_length(teacher, [q.text for q in batch], "query", mc.encode_batch_size)
+        query_emb = encode([q.text for q in batch], "query")
         encode_queries += time.perf_counter() - tq
         output.write(miner.mine(batch, query_emb), corpus)
         mined_now += len(batch)

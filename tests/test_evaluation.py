@@ -11,7 +11,6 @@ import json
 import math
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from embed.config import ConfigError
 from embed.data import DataError
 from embed.evaluation import (LocalBEIRTask, MTEBEncoder, build_model_meta, evaluate_beir, evaluate_model,
                               model_fingerprint, resolve_eval_tasks, truncate_and_normalize)
-from embed.leaderboard import model_card, prepare_submission, push_to_hub, results_table
+from embed.leaderboard import prepare_submission, push_to_hub, results_table
 from embed.model import EmbeddingModel, EncoderSettings
 
 TINY_BEIR = REPO / "tests" / "fixtures" / "tiny_beir"

@@ -524,3 +524,28 @@ def test_script_user_errors_are_one_line(tiny_generator, tiny_bert_dir, corpus_d
         "error: key 'gen.query_types': unknown type 'claims'")
     bad_model = run_script([str(recipe), "--gen.model", str(tmp_path / "missing")])
     assert bad_model.returncode == 2 and "error: key 'gen.model'" in bad_model.stderr
+
+
+def test_cloze_file_is_written_once_and_left_alone_when_unchanged(tmp_path):
+    """gen.cloze_queries: one row per usable document with its own positive text; a rerun with the
+    same corpus and seed leaves the file untouched, so the mining stage's resume key holds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_vllm", Path(__file__).resolve().parents[1] / "scripts" / "gen_vllm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    text = "Statins lower LDL cholesterol in most adults. Muscle pain was reported by one in ten patients overall."
+    (folder / "corpus.jsonl").write_text(json.dumps({"_id": "s1", "title": "Statins", "text": text}) + "\n"
+                                         + json.dumps({"_id": "s2", "title": "Short", "text": "One sentence only."}) + "\n")
+    gen = SimpleNamespace(min_words=3, max_words=32, cloze_keep_sentence=0.0)
+    path = tmp_path / "cloze_queries.jsonl"
+    assert module.write_cloze_queries(path, load_corpus(str(folder)), gen, seed=0) == 1
+    (row,) = [r for _, r in read_jsonl(path)]
+    assert row["doc_id"] == "s1" and row["query_type"] == "cloze" and row["kept"]
+    assert row["query"] in text and row["query"] not in row["positive_text"] and row["positive_text"].startswith("Statins ")
+    mtime = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert module.write_cloze_queries(path, load_corpus(str(folder)), gen, seed=0) == 1
+    assert path.stat().st_mtime_ns == mtime

@@ -281,3 +281,21 @@ def test_two_process_launch_shards_encoding_and_matches_one_process(tmp_path, ti
     assert entry_one.name == entry_two.name  # same teacher + corpus -> same key
     np.testing.assert_allclose(np.load(entry_one / "embeddings.npy"), np.load(entry_two / "embeddings.npy"), atol=2e-3)
     assert (two / "run" / "train.jsonl").read_text() == (one / "run" / "train.jsonl").read_text()
+
+
+def test_cloze_queries_are_mined_with_their_own_positive_text(tmp_path, tiny_teacher, beir, monkeypatch):
+    """The generation stage's cloze file is read beside queries.jsonl; its positive is the document
+    less the query sentence, never the full text, and its source document is still excluded."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_rows(run / "queries.jsonl", [{"doc_id": "d0", "sample": 0, "query": "protein folding question", "kept": True}])
+    write_rows(run / "cloze_queries.jsonl", [
+        {"doc_id": "d5", "query_id": "cloze:d5", "query": "a sentence of d5", "query_type": "cloze", "kept": True,
+         "positive_text": "d5 without that sentence"}])
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir))
+    summary = json.loads((run / "mine_summary.json").read_text())
+    rows = {r["query_id"]: r for r in check_train_set(run / "train.jsonl", {}, 3, summary)}
+    assert set(rows) == {"d0#0", "cloze:d5"}
+    assert rows["cloze:d5"]["pos_ids"] == ["d5"] and rows["cloze:d5"]["pos_texts"] == ["d5 without that sentence"]
+    assert rows["cloze:d5"]["source"] == "cloze" and "d5" not in rows["cloze:d5"]["neg_ids"]
+    assert rows["d0#0"]["pos_texts"] == ["protein folding protein folding note 0 about protein folding"]  # title + text
