@@ -11,6 +11,8 @@ Default mode, on SciFact's judged train pairs (qrels/train.tsv) with the bundled
 the same number of negatives, relative margin, encode batch size and full corpus for both:
   ours  = scripts/mine_faiss.py with recipes/scifact-mine-minilm-cpu.yaml (BM25 + dense, cold cache)
   st    = sentence_transformers.util.mine_hard_negatives(..., use_faiss=True, sampling_strategy="top")
+  st_bf16 = the same under CPU bf16 autocast (only on a CPU with native bf16, where ours encodes in
+          bf16 by default: mine.encode_precision auto), for a like-for-like ratio
 run alternately (ours, st, ours, st, ...) in fresh processes, then `ours` again on the warm
 embedding cache. Each process times its own work after imports (reading data, loading the model,
 encoding, mining, writing the output), and reports its peak RSS.
@@ -79,6 +81,14 @@ def child_ours(args) -> dict:
             "rows": summary["queries_mined"], "short": summary["queries_short_of_negatives"],
             "cache_hit": summary["embedding_cache"]["hit"], "timings_s": summary["timings_s"],
             **judged_positive_leaks(run_dir / "train.jsonl", args.data)}
+
+
+def child_st_bf16(args) -> dict:
+    """sentence-transformers under the same CPU bf16 autocast our miner uses by default there."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return child_st(args)
 
 
 def child_st(args) -> dict:
@@ -178,7 +188,8 @@ def child_scale(args) -> dict:
             "negatives_that_are_positives": leaks, "seconds_by_step": {k: round(v, 3) for k, v in miner.seconds.items()}}
 
 
-CHILDREN = {"ours": child_ours, "st": child_st, "scale_data": child_scale_data, "scale": child_scale}
+CHILDREN = {"ours": child_ours, "st": child_st, "st_bf16": child_st_bf16, "scale_data": child_scale_data,
+            "scale": child_scale}
 
 
 # ---------------------------------------------------------------- parent: orchestration
@@ -210,7 +221,9 @@ def train_and_eval(train_jsonl: str, name: str, args) -> dict:
 
 
 def bench_scifact(args) -> dict:
-    ours, st = [], []
+    from embed.hardware import cpu_has_native_bf16, encode_autocast
+
+    ours, st, st_bf16 = [], [], []
     for i in range(args.repeats):  # alternate, so drifting machine load hits both alike
         if i:
             import shutil
@@ -218,6 +231,8 @@ def bench_scifact(args) -> dict:
             shutil.rmtree(Path(args.workdir) / "cache", ignore_errors=True)  # every "ours" cold run starts cold
         ours.append(spawn("ours", f"ours_cold_{i}", args))
         st.append(spawn("st", f"st_{i}", args))
+        if cpu_has_native_bf16():  # like for like: ours encodes under bf16 autocast by default there
+            st_bf16.append(spawn("st_bf16", f"st_bf16_{i}", args))
     cached = spawn("ours", "ours_cached", args)
     t_ours = statistics.median(r["seconds"] for r in ours)
     t_st = statistics.median(r["seconds"] for r in st)
@@ -232,8 +247,12 @@ def bench_scifact(args) -> dict:
         "ours_cpu_seconds": cpu_ours, "st_cpu_seconds": cpu_st, "cpu_ratio_st_over_ours": round(cpu_st / cpu_ours, 3),
         "ratio_st_over_ours_per_pair": [round(b["seconds"] / a["seconds"], 3) for a, b in zip(ours, st)],
         "ours_cached_seconds": round(cached["seconds"], 2), "cached_speedup": round(t_ours / cached["seconds"], 2),
-        "runs": {"ours": ours, "st": st, "ours_cached": cached},
+        "ours_encode_precision": encode_autocast(__import__("torch").device("cpu"))[1],
+        "runs": {"ours": ours, "st": st, "st_bf16": st_bf16, "ours_cached": cached},
     }
+    if st_bf16:
+        t_st_bf16 = statistics.median(r["seconds"] for r in st_bf16)
+        result.update(st_bf16_seconds=round(t_st_bf16, 2), ratio_st_bf16_over_ours=round(t_st_bf16 / t_ours, 3))
     if args.train:
         result["ndcg_at_10_after_training"] = {"ours": train_and_eval(ours[0]["train_jsonl"], "ours", args),
                                                "st": train_and_eval(st[0]["train_jsonl"], "st", args)}

@@ -15,7 +15,6 @@ the answer itself (`Prompt.answer_prefix`), that prefix is put back in front.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import os
@@ -101,13 +100,16 @@ class TransformersBackend:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _torch_dtype(self, requested: str):
-        """fp32 on CPU (CPU half precision is slower here, and lossy); bf16 on sm_80+, else fp16."""
+        """On CPU bf16 where it is native (AVX512-BF16/AMX: batched generation 1.5x faster here), else
+        fp32 (emulated half precision is slower); on GPU bf16 on sm_80+, else fp16."""
         import torch
+
+        from embed.hardware import cpu_has_native_bf16
 
         if requested != "auto":
             return getattr(torch, requested)
         if self.device == "cpu":
-            return torch.float32
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
         return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
 
     def generate(self, prompts: Sequence[Prompt], seed: int, temperature: Optional[float] = None) -> list[str]:
@@ -135,6 +137,17 @@ class TransformersBackend:
             self._prefix_cache[prefix] = (ids, out["cache"] if "cache" in out else out["past_key_values"])
         return self._prefix_cache[prefix]
 
+    def _static_cache(self, prefix_cache, batch: int, max_len: int):
+        """A preallocated cache holding the prefix for every row. A DynamicCache concatenates every
+        layer's keys and values at every decoding step, copying the whole cache each time: that was
+        42% of a batched generation's CPU time here (SmolLM2, batch 16, ~500 tokens)."""
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        for layer_idx, layer in enumerate(prefix_cache.layers):
+            cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), layer_idx)
+        return cache
+
     def _generate_group(self, prefix: str, suffixes: list[str], seed: int, temperature: float) -> list[str]:
         """Left-padded batch generation; with a prefix, its cache is reused and padding sits between
         prefix and suffix (position ids come from the attention mask, so the math is unchanged)."""
@@ -144,13 +157,11 @@ class TransformersBackend:
                              return_token_type_ids=False).to(self.device)
         input_ids, mask, kwargs = enc["input_ids"], enc["attention_mask"], {}
         if prefix:
-            prefix_ids, cache = self._prefix(prefix)
+            prefix_ids, prefix_cache = self._prefix(prefix)
             batch = len(suffixes)
             input_ids = torch.cat([prefix_ids.expand(batch, -1), input_ids], dim=1)
             mask = torch.cat([torch.ones(batch, prefix_ids.shape[1], dtype=mask.dtype, device=mask.device), mask], dim=1)
-            cache = copy.deepcopy(cache)
-            cache.batch_repeat_interleave(batch)
-            kwargs[self._cache_kwarg] = cache
+            kwargs[self._cache_kwarg] = self._static_cache(prefix_cache, batch, input_ids.shape[1] + self.sampling.max_new_tokens)
         sample = temperature > 0
         torch.manual_seed(seed)
         with torch.inference_mode():

@@ -100,7 +100,7 @@ class GenConfig:
     max_new_tokens: int = opt(48, "generation budget per answer")
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_p: float = opt(0.95, "nucleus sampling")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "generator weights: auto = fp32 on CPU, bf16 on sm_80+, fp16 below")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "generator weights: auto = bf16 on sm_80+ and on CPUs with native bf16 (AVX512-BF16/AMX), fp16 on older GPUs, fp32 on other CPUs")
     trust_remote_code: bool = opt(False, "run code shipped with a hub generator")
     query_types: list[str] = opt(["claim", "question", "keywords"], "query types, rotated over documents and samples: claim | question | keywords")
     task: str = opt("", "retrieval task shown to the generator ('' = a generic one; 'auto' = brainstormed once by the generator, saved in run_dir/gen_task.json)")
