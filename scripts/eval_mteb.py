@@ -36,6 +36,7 @@ import torch
 from embed.cli import run_main
 from embed.config import ConfigError, build_config, parse_overrides, parse_recipe
 from embed.data import write_json_atomic
+from embed.hardware import peak_rss_gb
 from embed.domain_analysis import format_report, headroom_by_task, load_published_results, tasks_without_results
 from embed.evaluation import (PUBLISHED_NAMES, default_model_name, embedding_dim, evaluate_model, is_local_task,
                               model_fingerprint, resolve_eval_tasks, task_label, task_splits)
@@ -170,7 +171,7 @@ def main():
                            if "ndcg_at_10" in metrics[role][d]} for d in labels},
         "main_score": {d: {role: scores[role][d] for role in models} for d in labels},
         "matryoshka_main_score": matryoshka,
-        "metrics": metrics, "timings_s": timings,
+        "metrics": metrics, "timings_s": timings, "peak_rss_gb": peak_rss_gb(),
         "outputs": {"results": "eval/results", "table": "eval/results.md", "chart": "eval/scores.png"},
     }
     write_json_atomic(run_dir / "eval_summary.json", summary)

@@ -248,6 +248,7 @@ def test_trained_run_writes_table_chart_summary_and_card(tmp_path, monkeypatch, 
     assert (eval_dir / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run_dir / "eval_summary.json").read_text())
     assert summary == json.loads((eval_dir / "eval_summary.json").read_text())
+    assert 0 < summary["peak_rss_gb"] < 64  # the whole process tree, as every stage records it
     ndcg = summary["ndcg_at_10"]["tiny_beir"]
     for role, folder in (("base", base), ("trained", run_dir / "model")):
         expected = evaluate_beir(EmbeddingModel.from_pretrained(str(folder)), str(TINY_BEIR))["ndcg_at_10"]
