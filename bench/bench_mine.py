@@ -221,6 +221,8 @@ def train_and_eval(train_jsonl: str, name: str, args) -> dict:
 
 
 def bench_scifact(args) -> dict:
+    import torch
+
     from embed.hardware import cpu_has_native_bf16, encode_autocast
 
     ours, st, st_bf16 = [], [], []
@@ -247,7 +249,7 @@ def bench_scifact(args) -> dict:
         "ours_cpu_seconds": cpu_ours, "st_cpu_seconds": cpu_st, "cpu_ratio_st_over_ours": round(cpu_st / cpu_ours, 3),
         "ratio_st_over_ours_per_pair": [round(b["seconds"] / a["seconds"], 3) for a, b in zip(ours, st)],
         "ours_cached_seconds": round(cached["seconds"], 2), "cached_speedup": round(t_ours / cached["seconds"], 2),
-        "ours_encode_precision": encode_autocast(__import__("torch").device("cpu"))[1],
+        "ours_encode_precision": encode_autocast(torch.device("cpu"))[1],
         "runs": {"ours": ours, "st": st, "st_bf16": st_bf16, "ours_cached": cached},
     }
     if st_bf16:

@@ -52,17 +52,21 @@ def choose_precision(requested: str) -> tuple[str, str]:
     return requested, f"{requested}: {why}"
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """sm_80+ on a GPU; AVX512-BF16/AMX on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return cpu_has_native_bf16()
+
+
 def encode_autocast(device: torch.device, requested: str = "auto"):
     """(autocast context, 'bf16' | 'fp32') for encoding with fp32 weights. auto: bf16 where the
-    hardware has it natively (sm_80+, or a CPU with AVX512-BF16/AMX), fp32 elsewhere. For scores
-    that only rank (mining, round trips); evaluation stays fp32, as the leaderboard's."""
+    hardware has it natively, fp32 elsewhere. For the mining teacher, whose scores only rank;
+    evaluation stays fp32, as the leaderboard's."""
     import contextlib
 
     if requested == "auto":
-        if device.type == "cuda":
-            requested = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
-        else:
-            requested = "bf16" if cpu_has_native_bf16() else "fp32"
+        requested = "bf16" if has_native_bf16(device) else "fp32"
     if requested == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16), "bf16"
     return contextlib.nullcontext(), "fp32"

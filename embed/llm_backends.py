@@ -104,13 +104,13 @@ class TransformersBackend:
         fp32 (emulated half precision is slower); on GPU bf16 on sm_80+, else fp16."""
         import torch
 
-        from embed.hardware import cpu_has_native_bf16
+        from embed.hardware import has_native_bf16
 
         if requested != "auto":
             return getattr(torch, requested)
-        if self.device == "cpu":
-            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+        if has_native_bf16(torch.device(self.device)):
+            return torch.bfloat16
+        return torch.float32 if self.device == "cpu" else torch.float16
 
     def generate(self, prompts: Sequence[Prompt], seed: int, temperature: Optional[float] = None) -> list[str]:
         """Answers in prompt order; prompts sharing a chat prefix are generated together from its cache."""
