@@ -17,8 +17,9 @@ tokens left out of the pooling mask cannot change the other tokens' outputs.
 
 `LatentAttentionPooling` follows the pooling contract of embed/pooling.py. `LatentAttentionST`
 wraps it as a sentence-transformers 6.2 module so `SentenceTransformer(path)` can load it from
-modules.json (sentence-transformers >= 6.0 imports module classes outside its own package only
-with `trust_remote_code=True`).
+modules.json. sentence-transformers >= 6.0 imports module classes outside its own package only
+with `trust_remote_code=True`: the user must pass it explicitly (this project never does, and the
+model card written by scripts/eval_mteb.py says so); `EmbeddingModel.from_pretrained` needs no flag.
 """
 from __future__ import annotations
 

@@ -95,8 +95,12 @@ def bar_chart(scores: dict[str, dict[str, float]], roles: dict[str, str], path: 
 
 # ---------------------------------------------------------------- model card
 def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, table: str,
-               query_prompt: str, document_prompt: str) -> str:
-    """README.md for the trained model: hub metadata with an mteb model-index, usage and results."""
+               query_prompt: str, document_prompt: str, package_modules: tuple[str, ...] = ()) -> str:
+    """README.md for the trained model: hub metadata with an mteb model-index, usage and results.
+
+    `package_modules`: sentence-transformers module classes of this project (the latent-attention
+    head). sentence-transformers imports such a class only with `trust_remote_code=True`; the card
+    says so and why, since the flag stays off everywhere else and a user must opt in knowingly."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     results = []
@@ -119,9 +123,15 @@ def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, 
                          library_name="sentence-transformers", pipeline_tag="sentence-similarity",
                          tags=["mteb", "sentence-transformers", "feature-extraction", "sentence-similarity"],
                          eval_results=results or None)
+    trust = ", trust_remote_code=True" if package_modules else ""
+    usage_note = (f"This model's pooling head is `{', '.join(package_modules)}`, a class of the "
+                  "mteb-domain-embeddings package: install it first. sentence-transformers imports a module "
+                  "class from outside its own package only with `trust_remote_code=True`, which also lets a "
+                  "backbone config run code it names (this model's `config.json` names none). The project's own "
+                  "loader, `embed.model.EmbeddingModel.from_pretrained`, needs no flag.\n\n") if package_modules else ""
     usage = (
-        "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
-        f'model = SentenceTransformer("{name}")\n'
+        f"{usage_note}```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+        f'model = SentenceTransformer("{name}"{trust})\n'
         'queries = model.encode(["..."], prompt_name="query")\n'
         'documents = model.encode(["..."], prompt_name="document")\n```\n')
     body = (f"# {name}\n\nAn embedding model fine-tuned contrastively from `{base_name}` with "

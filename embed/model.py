@@ -254,7 +254,8 @@ class EmbeddingModel(nn.Module):
                 "embedding_dimension": self.hidden_size, "pooling_mode": type(self.pooling).st_mode,
                 "include_prompt": s.pool_prompt_tokens}, indent=2))
             modules.append({"idx": 1, "name": "1", "path": pool_dir, "type": ST_POOLING})
-        else:  # latent attention: a custom ST module (SentenceTransformer needs trust_remote_code=True)
+        else:  # latent attention: this package's ST module. Our loader reads it directly; SentenceTransformer
+            # imports it only if the user passes trust_remote_code=True (never set here; the model card says so)
             from embed.latent_attention import LatentAttentionST
 
             pool_dir = "1_LatentAttention"
@@ -270,6 +271,13 @@ class EmbeddingModel(nn.Module):
             "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine" if s.normalize else "dot",
             "model_type": "SentenceTransformer"}, indent=2))
         (path / EXTRA_CONFIG).write_text(json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
+
+
+def package_modules(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The module classes of this package a saved model's modules.json names (the latent-attention
+    head): loading them through sentence-transformers takes an explicit trust_remote_code=True."""
+    modules = _read_json(Path(folder) / "modules.json")
+    return tuple(m["type"] for m in modules if m["type"].startswith("embed."))
 
 
 def _load_backbone(path: str, kwargs: dict, load_in_4bit: bool):

@@ -41,7 +41,7 @@ from embed.domain_analysis import format_report, headroom_by_task, load_publishe
 from embed.evaluation import (PUBLISHED_NAMES, default_model_name, embedding_dim, evaluate_model, is_local_task,
                               model_fingerprint, resolve_eval_tasks, task_label, task_splits)
 from embed.leaderboard import bar_chart, model_card, prepare_submission, push_to_hub, results_table
-from embed.model import EmbeddingModel, load_from_config
+from embed.model import EmbeddingModel, load_from_config, package_modules
 from embed.recipe import Recipe
 
 
@@ -182,7 +182,7 @@ def main():
         return
     trained = identities["trained"]
     card = model_card(trained["name"], identities["base"]["name"], metrics["trained"], tasks, table,
-                      trained["query_prompt"], trained["document_prompt"])
+                      trained["query_prompt"], trained["document_prompt"], package_modules(run_dir / "model"))
     (run_dir / "model" / "README.md").write_text(card, encoding="utf-8")
     official = {t.metadata.name for t in tasks if not is_local_task(t)}
     copied = prepare_submission(eval_dir, trained["name"], trained["revision"], eval_dir / "submission", official)

@@ -290,3 +290,20 @@ def test_push_without_token_fails_before_any_work(tmp_path, monkeypatch, capsys)
         _run_script(monkeypatch, recipe, "--push_to_hub", "user/model")
     assert "HF_TOKEN" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_card_asks_for_trust_remote_code_only_for_this_packages_modules(tmp_path):
+    """A latent-attention model names `embed.latent_attention.LatentAttentionST` in modules.json;
+    its card spells out the opt-in and why. Every other card loads with the flag off."""
+    from embed.leaderboard import model_card
+    from embed.model import LATENT_ATTENTION_ST, package_modules
+
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_LatentAttention", "type": LATENT_ATTENTION_ST}]))
+    assert package_modules(tmp_path) == (LATENT_ATTENTION_ST,)
+    assert package_modules(tmp_path / "missing") == ()
+    plain = model_card("user/m", "base/m", {}, [], "", "query: ", "")
+    custom = model_card("user/m", "base/m", {}, [], "", "query: ", "", (LATENT_ATTENTION_ST,))
+    assert 'SentenceTransformer("user/m")' in plain and "trust_remote_code" not in plain
+    assert 'SentenceTransformer("user/m", trust_remote_code=True)' in custom and LATENT_ATTENTION_ST in custom
