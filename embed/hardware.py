@@ -9,8 +9,8 @@ from embed.config import ConfigError
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run in hardware, and autocast trains ~1.6x faster than fp32
-    (MiniLM, batch 64 x 256 tokens, on this project's EPYC). Elsewhere bf16 is emulated and slower."""
+    """AVX512-BF16 or AMX: bf16 matmuls run in hardware, so autocast beats fp32 (bench/bench_train.py,
+    bench/bench_mine.py). Elsewhere bf16 is emulated and slower."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # an older torch without the probes
@@ -32,7 +32,7 @@ def choose_precision(requested: str) -> tuple[str, str]:
             requested = launcher
             why = "set by the accelerate config"
         elif not cuda and cpu_has_native_bf16():
-            return "bf16", "bf16 autocast on CPU: it has native bf16 (AVX512-BF16/AMX), ~1.6x faster than fp32"
+            return "bf16", "bf16 autocast on CPU: it has native bf16 (AVX512-BF16/AMX), faster than fp32"
         elif not cuda:
             return "no", "fp32: no CUDA device, and this CPU emulates bf16 (autocast would be slower)"
         elif major >= 8:
