@@ -13,6 +13,7 @@ import hashlib
 import random
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -31,14 +32,20 @@ class Group:
     query: str
     docs: list[str]
     pos_keys: list[int]   # keys of ALL the query's positives (for false-negative masking)
+    scores: Optional[list[float]] = None  # mining teacher's score of each of `docs`, when the row has them
 
 
-def usable_examples(examples: list[TrainExample], num_negatives: int, skipped: Counter) -> list[TrainExample]:
-    """Examples with enough hard negatives for a fixed group size (all_gather needs equal shapes)."""
+def usable_examples(examples: list[TrainExample], num_negatives: int, skipped: Counter,
+                    need_scores: bool = False) -> list[TrainExample]:
+    """Examples with enough hard negatives for a fixed group size (all_gather needs equal shapes)
+    and, for distillation, with the teacher's scores."""
     kept = []
     for ex in examples:
         if len(ex.neg_texts) < num_negatives:
             skipped["short_of_negatives"] += 1
+            continue
+        if need_scores and (ex.pos_scores is None or ex.neg_scores is None):
+            skipped["no_teacher_scores"] += 1
             continue
         kept.append(ex)
     return kept
@@ -69,9 +76,12 @@ def epoch_batches(examples: list[TrainExample], batch_size: int, seed: int) -> l
 
 def make_group(ex: TrainExample, num_negatives: int, rng: random.Random) -> Group:
     """The example's group: one positive drawn at random (seeded) and its first hard negatives."""
-    positive = ex.pos_texts[rng.randrange(len(ex.pos_texts))]
-    return Group(query=ex.query, docs=[positive, *ex.neg_texts[:num_negatives]],
-                 pos_keys=[text_key(t) for t in ex.pos_texts])
+    chosen = rng.randrange(len(ex.pos_texts))
+    scores = None
+    if ex.pos_scores is not None and ex.neg_scores is not None:
+        scores = [ex.pos_scores[chosen], *ex.neg_scores[:num_negatives]]
+    return Group(query=ex.query, docs=[ex.pos_texts[chosen], *ex.neg_texts[:num_negatives]],
+                 pos_keys=[text_key(t) for t in ex.pos_texts], scores=scores)
 
 
 def collate_keys(groups: list[Group], max_positives: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,3 +43,20 @@ class BM25Index:
         indices[rows] = np.where(matched, docs, -1)
         scores[rows] = np.where(matched, found, 0.0)
         return indices, scores
+
+    def relative_scores(self, query: str, rows: Sequence[int]) -> np.ndarray:
+        """BM25 of corpus `rows` for `query` over the query's best score in the corpus: float32 in [0, 1].
+
+        Raw BM25 has no fixed scale (it grows with query length and term rarity); dividing by the
+        best match puts it on the footing of a cosine so the two can be mixed (embed.mining's
+        hybrid teacher). A query sharing no term with the corpus scores 0 everywhere.
+        """
+        tokens = bm25s.tokenize([query], stopwords=self._stopwords, stemmer=self._stemmer,
+                                return_ids=False, show_progress=False)[0]
+        if not tokens:
+            return np.zeros(len(rows), dtype=np.float32)
+        full = self._retriever.get_scores(tokens)
+        best = float(full.max())
+        if best <= 0:
+            return np.zeros(len(rows), dtype=np.float32)
+        return (full[np.asarray(rows, dtype=np.int64)] / best).astype(np.float32)

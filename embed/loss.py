@@ -1,4 +1,4 @@
-"""Contrastive losses on embeddings: InfoNCE, its Matryoshka wrapper, and GradCache.
+"""Contrastive losses on embeddings: InfoNCE, teacher distillation and Matryoshka wrappers, GradCache.
 
 Tensors only: the model, tokenizer and batching live elsewhere. Every loss takes
     query_emb       [B, D]     one row per query, L2-normalised (the model normalises)
@@ -107,6 +107,41 @@ def _check_inputs(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torc
         raise ValueError("doc_keys must be >= 0 (negative values are reserved for query_pos_keys padding)")
 
 
+class ListwiseDistillation(nn.Module):
+    """`base_loss` plus `weight` x KL(teacher || student) over each query's own documents
+    (RocketQAv2; Tevatron's distillation): the student's softmax over [positive, negatives] at its
+    temperature is pulled towards the teacher's softmax over the same documents at
+    `teacher_temperature`. Where InfoNCE only says "the positive first", the teacher's scores also
+    say by how much, and which negatives are nearly relevant: with a hybrid (dense + BM25)
+    teacher from mining, the student learns the lexical evidence its own cosine misses.
+
+    teacher_scores [B, G] are aligned with doc_emb's columns (mining's pos_scores / neg_scores).
+    """
+
+    def __init__(self, base_loss: nn.Module, weight: float, temperature: float, teacher_temperature: float):
+        super().__init__()
+        if weight < 0 or temperature <= 0 or teacher_temperature <= 0:
+            raise ValueError(f"ListwiseDistillation: weight must be >= 0 and temperatures > 0, got "
+                             f"{weight}, {temperature}, {teacher_temperature}")
+        self.base_loss, self.weight = base_loss, weight
+        self.temperature, self.teacher_temperature = temperature, teacher_temperature
+
+    def forward(self, query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor,
+                query_pos_keys: torch.Tensor, teacher_scores: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.base_loss(query_emb, doc_emb, doc_keys, query_pos_keys)
+        if not self.weight:
+            return loss
+        if teacher_scores is None or teacher_scores.shape != doc_emb.shape[:2]:
+            raise ValueError(f"teacher_scores must be [B, G]={tuple(doc_emb.shape[:2])}, got "
+                             f"{None if teacher_scores is None else tuple(teacher_scores.shape)}")
+        with torch.autocast(device_type=doc_emb.device.type, enabled=False):
+            student = torch.einsum("bd,bgd->bg", query_emb.float(), doc_emb.float()) / self.temperature
+            teacher = teacher_scores.to(student.device, torch.float32) / self.teacher_temperature
+            kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
+                          reduction="batchmean")
+        return loss + self.weight * kl
+
+
 class MatryoshkaLoss(nn.Module):
     """Weighted sum of `base_loss` on embeddings truncated to each of `dims` and re-normalised,
     so that the first d coordinates of an embedding work on their own (Kusupati et al. 2022)."""
@@ -122,13 +157,13 @@ class MatryoshkaLoss(nn.Module):
         self.base_loss, self.dims, self.weights = base_loss, dims, weights
 
     def forward(self, query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor,
-                query_pos_keys: torch.Tensor) -> torch.Tensor:
+                query_pos_keys: torch.Tensor, **extra) -> torch.Tensor:
         if max(self.dims) > query_emb.shape[-1]:
             raise ValueError(f"MatryoshkaLoss: dim {max(self.dims)} exceeds the embedding size {query_emb.shape[-1]}")
         total = 0.0
         for dim, weight in zip(self.dims, self.weights):
             total = total + weight * self.base_loss(_truncate(query_emb, dim), _truncate(doc_emb, dim),
-                                                    doc_keys, query_pos_keys)
+                                                    doc_keys, query_pos_keys, **extra)
         return total
 
 
@@ -164,7 +199,7 @@ class GradCache:
     def __call__(self, encode: Callable[[Features], torch.Tensor], query_features: Features,
                  doc_features: Features, doc_keys: torch.Tensor, query_pos_keys: torch.Tensor, *,
                  backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward,
-                 no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+                 no_sync: Callable[[], contextlib.AbstractContextManager] | None = None, **extra) -> torch.Tensor:
         """Accumulate the loss's parameter gradients into `.grad` and return the loss (detached).
 
         encode: features of b rows -> [b, D] embeddings (the DDP-wrapped model, for DDP hooks).
@@ -174,6 +209,7 @@ class GradCache:
         both on the model's device. backward: `accelerator.backward` for fp16 loss scaling.
         no_sync: e.g. `lambda: accelerator.no_sync(model)`; every chunk but the last re-encodes
         and backpropagates inside it, so DDP all-reduces gradients once.
+        extra: passed to the loss as is (e.g. teacher_scores).
         """
         if doc_keys.dim() != 2:
             raise ValueError(f"doc_keys must be [B, G], got {tuple(doc_keys.shape)}")
@@ -194,7 +230,7 @@ class GradCache:
         # 2. The loss on the cached embeddings, and its gradient per embedding (fp32 leaves).
         query_cache.requires_grad_(True)
         doc_cache.requires_grad_(True)
-        loss = self.loss_fn(query_cache, doc_cache.view(batch, group, -1), doc_keys, query_pos_keys)
+        loss = self.loss_fn(query_cache, doc_cache.view(batch, group, -1), doc_keys, query_pos_keys, **extra)
         query_grad, doc_grad = torch.autograd.grad(loss, [query_cache, doc_cache])
 
         # 3. Re-encode each chunk with its RNG replayed; backprop <embedding, gradient>.

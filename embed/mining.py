@@ -55,6 +55,8 @@ def check_mine_config(mine) -> None:
         raise ConfigError(f"key 'mine.rank_max' ({mine.rank_max}) must be 0 or > mine.rank_min ({mine.rank_min})")
     if not mine.retrievers:
         raise ConfigError("key 'mine.retrievers' must name at least one of: dense, bm25")
+    if not 0.0 <= mine.teacher_bm25_weight <= 1.0:
+        raise ConfigError(f"key 'mine.teacher_bm25_weight' must be in [0, 1], got {mine.teacher_bm25_weight}")
     for key in ("batch_size", "encode_batch_size", "rrf_k", "cache_chunk_size"):
         if getattr(mine, key) < 1:
             raise ConfigError(f"key 'mine.{key}' must be >= 1")
@@ -258,14 +260,22 @@ class NegativeMiner:
     `corpus_emb` is the (memory-mapped) teacher embedding matrix; `dense` and `bm25` are the
     candidate sources (either may be None); `text_of(row)` gives a document's text for the
     duplicate rule (None: rows are their own identity, e.g. synthetic benchmarks).
+    With `lexical` (a BM25Index) and `lexical_weight` w > 0 the teacher is hybrid: cosine mixed
+    with relative BM25 (`BM25Index.relative_scores`). Where a small dense teacher misses the rare
+    terms of a specialised domain, the hybrid ranks better than either part, so its scores make
+    safer margins and better targets for distillation (train.stages.*.distill_weight).
     """
 
     def __init__(self, corpus_emb: np.ndarray, rules: NegativeRules, depth: int, rrf_k: int, seed: int,
-                 dense=None, bm25=None, text_of: Optional[Callable[[int], str]] = None):
+                 dense=None, bm25=None, text_of: Optional[Callable[[int], str]] = None,
+                 lexical=None, lexical_weight: float = 0.0):
         if dense is None and bm25 is None:
             raise ConfigError("key 'mine.retrievers' must name at least one of: dense, bm25")
+        if lexical_weight and lexical is None:
+            raise ValueError("NegativeMiner: lexical_weight > 0 needs a lexical (BM25) index")
         self.corpus_emb, self.rules, self.depth, self.rrf_k, self.seed = corpus_emb, rules, depth, rrf_k, seed
         self.dense, self.bm25, self.text_of = dense, bm25, text_of
+        self.lexical, self.lexical_weight = lexical, lexical_weight
         self._text_keys: dict[int, int] = {}
         self.seconds = Counter()
 
@@ -299,6 +309,11 @@ class NegativeMiner:
             q_vec = query_emb[i].astype(np.float32)
             cand_scores = np.asarray(self.corpus_emb[fused], dtype=np.float32) @ q_vec if fused else np.zeros(0)
             pos_scores = np.asarray(self.corpus_emb[q.positive_rows], dtype=np.float32) @ q_vec
+            if self.lexical_weight:
+                w = self.lexical_weight
+                lexical = self.lexical.relative_scores(q.text, list(fused) + list(q.positive_rows))
+                cand_scores = (1 - w) * cand_scores + w * lexical[:len(fused)]
+                pos_scores = (1 - w) * pos_scores + w * lexical[len(fused):]
             selection = select_negatives(fused, cand_scores, float(pos_scores.min()), q.positive_rows, set(q.excluded_rows),
                                          self._text_key, self.rules, self._rng(q.query_id))
             out.append(MinedQuery(q, [float(s) for s in pos_scores], selection, len(fused)))

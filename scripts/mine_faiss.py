@@ -83,10 +83,11 @@ def main():
     # ------------------------------------------------------------------ candidate indexes
     t = time.perf_counter()
     dense = DenseIndex(corpus_emb, mc.index, mc.index_search_params, save_dir=cache.dir) if "dense" in mc.retrievers else None
-    bm25 = BM25Index(texts) if "bm25" in mc.retrievers else None
+    bm25 = BM25Index(texts) if "bm25" in mc.retrievers or mc.teacher_bm25_weight else None
     timings["build_indexes"] = time.perf_counter() - t
     miner = NegativeMiner(corpus_emb, rules_from_config(mc), mc.depth, mc.rrf_k, cfg.seed,
-                          dense=dense, bm25=bm25, text_of=lambda row: texts[row])
+                          dense=dense, bm25=bm25 if "bm25" in mc.retrievers else None, text_of=lambda row: texts[row],
+                          lexical=bm25, lexical_weight=mc.teacher_bm25_weight)
 
     # ------------------------------------------------------------------ mining (resumable, batch by batch)
     settings = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("batch_size", "encode_batch_size", "cache_dir", "cache_chunk_size")}
@@ -115,14 +116,16 @@ def main():
     timings["total"] = time.perf_counter() - started
     summary.update({
         "input": origin, "corpus": cfg.data.corpus, "corpus_documents": len(corpus), "teacher": teacher_name,
+        "teacher_bm25_weight": mc.teacher_bm25_weight,
         "rules": dataclasses.asdict(rules_from_config(mc)), "retrievers": mc.retrievers, "depth": mc.depth,
         "index": mc.index, "faiss_gpus": num_gpus(), "resumed_queries": len(queries) - len(todo),
         "embedding_cache": {"dir": str(cache.dir), "hit": cache_hit},
         "timings_s": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_gb": peak_rss_gb(),
     })
     write_json_atomic(run_dir / "mine_summary.json", summary)
+    teacher_label = teacher_name + (f" + BM25 x {mc.teacher_bm25_weight}" if mc.teacher_bm25_weight else "")
     plot_scores(run_dir / "mine_scores.png", pos_scores, neg_scores,
-                f"{teacher_name}: relative margin {'off' if mc.relative_margin is None else mc.relative_margin}, "
+                f"{teacher_label}: relative margin {'off' if mc.relative_margin is None else mc.relative_margin}, "
                 f"absolute margin {'off' if mc.absolute_margin is None else mc.absolute_margin}")
     output.cleanup()
     log(f"wrote {output.final}: {summary['queries_mined']} queries, {summary['negatives_per_query_mean']} negatives "

@@ -31,7 +31,7 @@ from embed.cli import run_main
 from embed.config import ConfigError, parse_recipe, to_dict
 from embed.data import pairs_from_beir, read_train_set, write_json_atomic
 from embed.hardware import choose_precision, peak_rss_gb
-from embed.loss import InfoNCELoss, MatryoshkaLoss
+from embed.loss import InfoNCELoss, ListwiseDistillation, MatryoshkaLoss
 from embed.model import load_from_config
 
 MAX_POSITIVES = 8  # positives per query considered for false-negative masking
@@ -46,7 +46,7 @@ def load_stage_data(stage, run_dir: str, skipped: Counter):
             examples += pairs_from_beir(entry, stage.split, skipped=skipped)
         else:
             examples += read_train_set(entry, skipped=skipped)
-    return usable_examples(examples, stage.num_negatives, skipped)
+    return usable_examples(examples, stage.num_negatives, skipped, need_scores=stage.distill_weight > 0)
 
 
 def optimizer_groups(model, lr: float, weight_decay: float, head_lr: float | None):
@@ -113,7 +113,8 @@ def main():
                       f"({frozen} unused tensors frozen)")
 
     # ------------------------------------------------------------------ loss
-    loss_fn = InfoNCELoss(temperature=tc.temperature, in_batch_negatives=True)
+    loss_fn = ListwiseDistillation(InfoNCELoss(temperature=tc.temperature, in_batch_negatives=True), weight=0.0,
+                                   temperature=tc.temperature, teacher_temperature=tc.distill_temperature)
     if cfg.model.matryoshka_dims:
         loss_fn = MatryoshkaLoss(loss_fn, dims=cfg.model.matryoshka_dims)
 
@@ -160,7 +161,7 @@ def main():
             continue
         if steps == 0:
             continue
-        loss_fn_stage = _with_in_batch(loss_fn, stage.in_batch_negatives)
+        loss_fn_stage = _for_stage(loss_fn, stage)
         groups = optimizer_groups(raw_model, stage.learning_rate, tc.weight_decay,
                                   cfg.model.latent_attention.learning_rate)
         optimizer = torch.optim.AdamW(groups, lr=stage.learning_rate)
@@ -259,15 +260,18 @@ def _train_step(accelerator, model, raw_model, loss_fn, groups, stage, tc) -> fl
     d_feat = {k: v.to(device) for k, v in d_feat.items()}
     doc_keys, pos_keys = doc_keys.to(device), pos_keys.to(device)
     B, G = len(groups), len(groups[0].docs)
+    extra = {}
+    if stage.distill_weight:  # usable_examples kept only rows with teacher scores
+        extra["teacher_scores"] = torch.tensor([g.scores for g in groups], dtype=torch.float32, device=device)
     if tc.gradcache_chunk_size:
         from embed.loss import GradCache
 
         cache = GradCache(loss_fn, chunk_size=tc.gradcache_chunk_size)
         return float(cache(model, q_feat, d_feat, doc_keys, pos_keys, backward=accelerator.backward,
-                           no_sync=lambda: _defer_gradient_sync(accelerator, model)))
+                           no_sync=lambda: _defer_gradient_sync(accelerator, model), **extra))
     q = model(q_feat)                                   # [B, D]
     d = model(d_feat).view(B, G, -1)                    # [B, G, D]
-    loss = loss_fn(q, d, doc_keys, pos_keys)
+    loss = loss_fn(q, d, doc_keys, pos_keys, **extra)
     accelerator.backward(loss)
     return loss.item()
 
@@ -288,9 +292,15 @@ def _defer_gradient_sync(accelerator, model):
             yield
 
 
-def _with_in_batch(loss_fn, in_batch: bool):
-    base = getattr(loss_fn, "base_loss", loss_fn)
-    base.in_batch_negatives = in_batch
+def _for_stage(loss_fn, stage):
+    """The loss chain set to the stage's in-batch negatives and distillation weight."""
+    part = loss_fn
+    while part is not None:
+        if isinstance(part, InfoNCELoss):
+            part.in_batch_negatives = stage.in_batch_negatives
+        if isinstance(part, ListwiseDistillation):
+            part.weight = stage.distill_weight
+        part = getattr(part, "base_loss", None)
     return loss_fn
 
 

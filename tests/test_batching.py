@@ -39,3 +39,14 @@ def test_group_and_keys():
     doc_keys, pos_keys = collate_keys([g], max_positives=3)
     assert doc_keys.tolist() == [[text_key(g.docs[0]), text_key("N1")]]
     assert pos_keys.tolist() == [[text_key("A"), text_key("B"), -1]]
+
+
+def test_distillation_needs_teacher_scores_aligned_with_the_group():
+    scored = TrainExample(query="q", pos_ids=["a", "b"], pos_texts=["A", "B"], neg_ids=["n1", "n2"],
+                          neg_texts=["N1", "N2"], pos_scores=[0.9, 0.8], neg_scores=[0.5, 0.4])
+    skipped = Counter()
+    kept = usable_examples([scored, ex("r", "y", ["n"])], num_negatives=1, skipped=skipped, need_scores=True)
+    assert kept == [scored] and skipped["no_teacher_scores"] == 1
+    g = make_group(scored, 1, random.Random(0))
+    assert g.scores == [0.9 if g.docs[0] == "A" else 0.8, 0.5]
+    assert make_group(ex("r", "y", ["n"]), 1, random.Random(0)).scores is None

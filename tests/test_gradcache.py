@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertModel
 
-from embed.loss import GradCache, InfoNCELoss, MatryoshkaLoss
+from embed.loss import GradCache, InfoNCELoss, ListwiseDistillation, MatryoshkaLoss
 from test_loss_distributed import run_processes
 
 GROUP, SEED = 3, 1234
@@ -66,7 +66,7 @@ def rows(feats, start, stop):
     return {k: v[start:stop] for k, v in feats.items()}
 
 
-def plain_step(model, loss_fn, query_feats, doc_feats, doc_keys, query_pos_keys, chunk_size):
+def plain_step(model, loss_fn, query_feats, doc_feats, doc_keys, query_pos_keys, chunk_size, **extra):
     """The plain loss with the graph kept, the forwards split like GradCache's so dropout draws
     the same masks from the same seed; returns the loss and accumulates gradients."""
     torch.manual_seed(SEED)
@@ -74,7 +74,7 @@ def plain_step(model, loss_fn, query_feats, doc_feats, doc_keys, query_pos_keys,
                            for s in range(0, len(doc_keys), chunk_size)])
     doc_emb = torch.cat([model(**rows(doc_feats, s, s + chunk_size))
                          for s in range(0, doc_keys.numel(), chunk_size)])
-    loss = loss_fn(query_emb, doc_emb.view(*doc_keys.shape, -1), doc_keys, query_pos_keys)
+    loss = loss_fn(query_emb, doc_emb.view(*doc_keys.shape, -1), doc_keys, query_pos_keys, **extra)
     loss.backward()
     return loss.detach()
 
@@ -123,6 +123,22 @@ def test_gradcache_equals_plain_loss_with_dropout(loss_name, chunk_size, device)
     assert not cached_loss.requires_grad
     torch.testing.assert_close(cached_loss, plain_loss, rtol=0, atol=1e-5)
     assert_grads_close(grads(model), plain_grads)
+
+
+def test_gradcache_passes_teacher_scores_to_a_distilling_matryoshka_loss():
+    """The distillation term reaches the loss through GradCache (and through Matryoshka's wrapper)."""
+    def loss_fn():
+        return MatryoshkaLoss(ListwiseDistillation(InfoNCELoss(0.05), 1.0, 0.05, 0.1), [32, 8])
+
+    model, batch = MeanPoolBert().train(), make_batch(5)
+    teacher = torch.rand(5, GROUP, generator=torch.Generator().manual_seed(3))
+    plain_loss = plain_step(model, loss_fn(), *batch, 4, teacher_scores=teacher)
+    plain_grads = grads(model)
+    cached_loss = gradcache_step(model, loss_fn(), batch, 4, teacher_scores=teacher)
+    torch.testing.assert_close(cached_loss, plain_loss, rtol=0, atol=1e-5)
+    assert_grads_close(grads(model), plain_grads)
+    without = plain_step(model, MatryoshkaLoss(InfoNCELoss(0.05), [32, 8]), *batch, 4)
+    assert plain_loss.item() > without.item() + 1e-4  # the KL term is really there
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embed.loss import InfoNCELoss, MatryoshkaLoss
+from embed.loss import InfoNCELoss, ListwiseDistillation, MatryoshkaLoss
 
 
 def reference_infonce(query_emb, doc_emb, doc_keys, query_pos_keys, temperature, in_batch_negatives):
@@ -141,3 +141,54 @@ def test_matryoshka_is_the_weighted_sum_over_truncations():
         by_hand += weight * reference_infonce(q, d, doc_keys, query_pos_keys, 0.1, True)
     assert loss.item() == pytest.approx(by_hand, abs=1e-5)
 
+
+
+# ---------------------------------------------------------------- distillation from mining's teacher scores
+def reference_listwise_kl(query_emb, doc_emb, teacher_scores, temperature, teacher_temperature):
+    """KL(teacher || student) per query over its own documents, averaged, in float64."""
+    total = 0.0
+    for i in range(doc_emb.shape[0]):
+        student = [float(query_emb[i].double() @ d.double()) / temperature for d in doc_emb[i]]
+        teacher = [float(t) / teacher_temperature for t in teacher_scores[i]]
+        log_zs = max(student) + math.log(sum(math.exp(s - max(student)) for s in student))
+        log_zt = max(teacher) + math.log(sum(math.exp(t - max(teacher)) for t in teacher))
+        total += sum(math.exp(t - log_zt) * ((t - log_zt) - (s - log_zs)) for s, t in zip(student, teacher))
+    return total / doc_emb.shape[0]
+
+
+def test_distillation_adds_the_weighted_listwise_kl():
+    batch = make_batch()
+    teacher = torch.rand(batch[1].shape[:2], generator=torch.Generator().manual_seed(1))
+    base = InfoNCELoss(0.05)(*batch)
+    loss = ListwiseDistillation(InfoNCELoss(0.05), weight=0.5, temperature=0.05, teacher_temperature=0.1)(
+        *batch, teacher_scores=teacher)
+    expected = base.item() + 0.5 * reference_listwise_kl(batch[0], batch[1], teacher, 0.05, 0.1)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert loss.item() > base.item()
+
+
+def test_distillation_is_zero_when_the_student_agrees_and_pulls_towards_the_teacher():
+    query_emb, doc_emb, doc_keys, pos_keys = make_batch()
+    student_scores = torch.einsum("bd,bgd->bg", query_emb, doc_emb)
+    distil = ListwiseDistillation(InfoNCELoss(0.05), weight=1.0, temperature=0.05, teacher_temperature=0.05)
+    agreeing = distil(query_emb, doc_emb, doc_keys, pos_keys, teacher_scores=student_scores)
+    assert agreeing.item() == pytest.approx(InfoNCELoss(0.05)(query_emb, doc_emb, doc_keys, pos_keys).item(), abs=1e-5)
+    # a teacher preferring document 2 of query 0: a gradient step on the KL alone raises its score
+    teacher = student_scores.clone()
+    teacher[0, 2] += 1.0
+    docs = doc_emb.clone().requires_grad_(True)
+    only_kl = ListwiseDistillation(lambda *a: torch.zeros(()), weight=1.0, temperature=0.05, teacher_temperature=0.05)
+    only_kl(query_emb, docs, doc_keys, pos_keys, teacher_scores=teacher).backward()
+    moved = docs - 0.01 * docs.grad
+    assert float(query_emb[0] @ moved[0, 2]) > float(query_emb[0] @ doc_emb[0, 2])
+
+
+def test_distillation_needs_aligned_teacher_scores():
+    batch = make_batch()
+    distil = ListwiseDistillation(InfoNCELoss(0.05), weight=1.0, temperature=0.05, teacher_temperature=0.05)
+    with pytest.raises(ValueError, match=r"teacher_scores must be \[B, G\]=\(4, 3\)"):
+        distil(*batch)
+    with pytest.raises(ValueError, match="teacher_scores must be"):
+        distil(*batch, teacher_scores=torch.zeros(4, 2))
+    off = ListwiseDistillation(InfoNCELoss(0.05), weight=0.0, temperature=0.05, teacher_temperature=0.05)
+    assert off(*batch).item() == pytest.approx(InfoNCELoss(0.05)(*batch).item())

@@ -135,3 +135,34 @@ def test_miner_uses_the_minimum_positive_score():
     assert mined.selection.indices == [3]  # 0.7 > 0.6 - 0.03 is dropped; with the max positive (0.9) it would stay
     assert mined.selection.drops == Counter(positive=2, relative_margin=1)
     assert mined.positive_scores == pytest.approx([0.9, 0.6], abs=2e-3)
+
+
+def test_hybrid_teacher_mixes_cosine_with_relative_bm25_and_filters_on_it():
+    """Candidate 2 is well below the positive for the dense teacher but matches every query word
+    where the positive matches one: the hybrid teacher scores it above the positive's margin and
+    drops it as a likely unjudged positive."""
+    from embed.bm25_index import BM25Index
+
+    texts = ["protein trial results", "weather report", "kinase inhibitor protein binding", "gardening tips"]
+    query = unit([1, 0, 0])
+    emb = np.stack([unit([0.8, 0.6, 0]), unit([0.5, 0, np.sqrt(0.75)]), unit([0.6, 0, 0.8]),
+                    unit([0.1, np.sqrt(0.99), 0])]).astype(np.float16)
+    lexical = BM25Index(texts)
+    rules = NegativeRules(num_negatives=3, relative_margin=0.05)
+    dense_only = NegativeMiner(emb, rules, depth=4, rrf_k=60, seed=0, dense=DenseIndex(emb))
+    hybrid = NegativeMiner(emb, rules, depth=4, rrf_k=60, seed=0, dense=DenseIndex(emb), lexical=lexical,
+                           lexical_weight=0.5)
+    q = MiningQuery("q", "protein kinase inhibitor", [0])
+    [plain] = dense_only.mine([q], query[None])
+    [mixed] = hybrid.mine([q], query[None])
+    assert sorted(plain.selection.indices) == [1, 2, 3]
+    rel = lexical.relative_scores("protein kinase inhibitor", [0, 2])
+    assert mixed.positive_scores == pytest.approx([0.5 * 0.8 + 0.5 * rel[0]], abs=2e-3)
+    assert 2 not in mixed.selection.indices and mixed.selection.drops["relative_margin"] == 1
+    assert dict(zip(mixed.selection.indices, mixed.selection.scores))[1] == pytest.approx(0.25, abs=2e-3)
+
+
+def test_hybrid_teacher_needs_a_lexical_index():
+    emb = np.eye(3, dtype=np.float16)
+    with pytest.raises(ValueError, match="lexical_weight > 0 needs a lexical"):
+        NegativeMiner(emb, NegativeRules(), depth=2, rrf_k=60, seed=0, dense=DenseIndex(emb), lexical_weight=0.3)

@@ -74,6 +74,19 @@ def test_bm25_stems_drops_stopwords_and_marks_unmatched_slots():
     assert indices[3][0] == 2 and (indices[3][1:] == -1).all() and scores[3][0] > 0
 
 
+def test_bm25_relative_scores_divide_by_the_best_match_in_the_corpus():
+    docs = ["The cats are running in the garden", "A dog sleeps", "cat food", "cat cat cat"]
+    index = BM25Index(docs)
+    _, top = index.search(["cat"], k=4)
+    rel = index.relative_scores("cat", [2, 1, 0, 3])
+    best = float(top[0][0])
+    assert rel.dtype == np.float32 and rel.max() == pytest.approx(1.0) and rel[1] == 0.0
+    expected = {row: float(s) / best for row, s in zip(*index.search(["cat"], k=4)) for row, s in zip(row, s) if row >= 0}
+    assert rel.tolist() == pytest.approx([expected[2], 0.0, expected[0], expected[3]], rel=1e-5)
+    assert index.relative_scores("the of and", [0, 1]).tolist() == [0.0, 0.0]   # stopwords only
+    assert index.relative_scores("zebra", [0]).tolist() == [0.0]                # no match anywhere
+
+
 # ---------------------------------------------------------------- cache
 class CountingEncoder:
     def __init__(self, fail_at_call=None):

@@ -157,6 +157,29 @@ def test_margin_off_keeps_more_than_margin_on(tmp_path, tiny_teacher, beir, monk
         assert all(s <= ceiling + 1e-5 for s in row.neg_scores)
 
 
+def test_hybrid_teacher_scores_are_cosine_mixed_with_relative_bm25(tmp_path, tiny_teacher, beir, monkeypatch):
+    """mine.teacher_bm25_weight: every written score is (1 - w) x the dense teacher's + w x relative BM25."""
+    from embed.bm25_index import BM25Index
+    from embed.data import load_corpus
+
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", relative_margin=None,
+                                       retrievers=["dense"]))
+    dense = {r.query_id: r for r in read_train_set(tmp_path / "run" / "train.jsonl")}
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", relative_margin=None,
+                                       teacher_bm25_weight=0.4, retrievers=["dense"]))
+    summary = json.loads((tmp_path / "run" / "mine_summary.json").read_text())
+    assert summary["teacher_bm25_weight"] == 0.4 and summary["retrievers"] == ["dense"]
+    corpus = load_corpus(str(beir))
+    lexical = BM25Index([corpus.doc_text(i) for i in range(len(corpus))])
+    for row in read_train_set(tmp_path / "run" / "train.jsonl"):
+        plain = dense[row.query_id]
+        assert row.pos_ids == plain.pos_ids and row.neg_ids == plain.neg_ids  # same candidates, margin off
+        rel = lexical.relative_scores(row.query, [corpus.index[d] for d in row.pos_ids + row.neg_ids])
+        mixed = [0.6 * s + 0.4 * r for s, r in zip(plain.pos_scores + plain.neg_scores, rel)]
+        assert row.pos_scores + row.neg_scores == pytest.approx(mixed, abs=1e-5)
+        assert rel.max() > 0  # every query shares a topic word with its positive
+
+
 # ---------------------------------------------------------------- generated queries + bad input
 def test_generated_queries_skip_and_count_bad_rows(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
     run = tmp_path / "run"

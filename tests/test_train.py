@@ -52,6 +52,31 @@ def test_smoke_run_writes_model_and_summary(tmp_path, tiny_bert_dir, toy_data):
                            load_file(str(tiny_bert_dir / "model.safetensors"))["embeddings.word_embeddings.weight"])
 
 
+def test_distillation_trains_on_scored_rows_and_counts_the_rest(tmp_path, tiny_bert_dir):
+    """train.stages.0.distill_weight: rows carrying mining's teacher scores train with the KL term,
+    rows without them are skipped and counted; the term changes the weights the run ends with."""
+    rows = toy_train_rows(48, negatives=2)
+    for i, row in enumerate(rows[:40]):
+        row["pos_scores"], row["neg_scores"] = [0.9], [0.6 - 0.01 * (i % 7), 0.2]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    runs = {}
+    for weight in ("0.0", "2.0"):
+        runs[weight] = tmp_path / f"run_{weight}"
+        out = subprocess.run(train_cmd(tiny_bert_dir, data, runs[weight], "--train.max_steps", "3",
+                                       "--train.stages.0.distill_weight", weight),
+                             env=ENV, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert "'no_teacher_scores': 8" in out.stdout
+    a, b = weights(runs["0.0"]), weights(runs["2.0"])
+    assert not np.allclose(a["embeddings.word_embeddings.weight"], b["embeddings.word_embeddings.weight"])
+
+    unscored = write_jsonl(tmp_path / "plain.jsonl", toy_train_rows(48, negatives=2))
+    out = subprocess.run(train_cmd(tiny_bert_dir, unscored, tmp_path / "bad", "--train.stages.0.distill_weight", "1"),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "cannot fill one global batch" in out.stderr and "no_teacher_scores" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_sigkill_then_resume_gives_identical_weights(tmp_path, tiny_bert_dir, toy_data):
     steps = ["--train.max_steps", "60", "--train.save_steps", "5", "--train.stages.0.epochs", "20"]
     reference = tmp_path / "uninterrupted"
