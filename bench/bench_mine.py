@@ -19,7 +19,7 @@ encoding, mining, writing the output), and reports its peak RSS.
 `--scale`: 1,000 queries against 1,000,000 random unit 384-dim vectors stored as an fp16 memmap
 (exact flat search, the positive-aware rules), reporting queries/s and the mining process's peak RSS.
 `--train` trains recipes/scifact-mine-minilm-cpu.yaml on each mined set (scripts/train.py under
-accelerate, then scripts/eval_mteb.py) and reports nDCG@10 of each: about an hour on 2 CPU cores.
+accelerate, then scripts/eval_mteb.py) and reports nDCG@10 of each: about 40 min on 2 CPU cores.
 """
 from __future__ import annotations
 
