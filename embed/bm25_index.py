@@ -33,8 +33,7 @@ class BM25Index:
         k = min(k, self.num_docs)
         indices = np.full((len(queries), k), -1, dtype=np.int64)
         scores = np.zeros((len(queries), k), dtype=np.float32)
-        tokens = bm25s.tokenize(list(queries), stopwords=self._stopwords, stemmer=self._stemmer,
-                                return_ids=False, show_progress=False)
+        tokens = self._tokenize(queries)
         rows = [i for i, t in enumerate(tokens) if t]  # a query of stopwords only has nothing to match
         if not rows or k == 0:
             return indices, scores
@@ -51,8 +50,7 @@ class BM25Index:
         best match puts it on the footing of a cosine so the two can be mixed (embed.mining's
         hybrid teacher). A query sharing no term with the corpus scores 0 everywhere.
         """
-        tokens = bm25s.tokenize([query], stopwords=self._stopwords, stemmer=self._stemmer,
-                                return_ids=False, show_progress=False)[0]
+        tokens = self._tokenize([query])[0]
         if not tokens:
             return np.zeros(len(rows), dtype=np.float32)
         full = self._retriever.get_scores(tokens)
@@ -60,3 +58,8 @@ class BM25Index:
         if best <= 0:
             return np.zeros(len(rows), dtype=np.float32)
         return (full[np.asarray(rows, dtype=np.int64)] / best).astype(np.float32)
+
+    def _tokenize(self, queries: Sequence[str]) -> list[list[str]]:
+        """Queries as the index's terms (same stemmer and stopwords as the corpus)."""
+        return bm25s.tokenize(list(queries), stopwords=self._stopwords, stemmer=self._stemmer,
+                              return_ids=False, show_progress=False)

@@ -83,11 +83,12 @@ def main():
     # ------------------------------------------------------------------ candidate indexes
     t = time.perf_counter()
     dense = DenseIndex(corpus_emb, mc.index, mc.index_search_params, save_dir=cache.dir) if "dense" in mc.retrievers else None
+    # one BM25 index serves as a candidate source and/or as the hybrid teacher's lexical half
     bm25 = BM25Index(texts) if "bm25" in mc.retrievers or mc.teacher_bm25_weight else None
     timings["build_indexes"] = time.perf_counter() - t
-    miner = NegativeMiner(corpus_emb, rules_from_config(mc), mc.depth, mc.rrf_k, cfg.seed,
-                          dense=dense, bm25=bm25 if "bm25" in mc.retrievers else None, text_of=lambda row: texts[row],
-                          lexical=bm25, lexical_weight=mc.teacher_bm25_weight)
+    miner = NegativeMiner(corpus_emb, rules_from_config(mc), mc.depth, mc.rrf_k, cfg.seed, dense=dense,
+                          bm25=bm25 if "bm25" in mc.retrievers else None, text_of=lambda row: texts[row],
+                          lexical=bm25 if mc.teacher_bm25_weight else None, lexical_weight=mc.teacher_bm25_weight)
 
     # ------------------------------------------------------------------ mining (resumable, batch by batch)
     settings = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("batch_size", "encode_batch_size", "cache_dir", "cache_chunk_size")}
