@@ -5,7 +5,10 @@ Usage:
         [--repeats 1] [--out bench/results/mine.json]
     python bench/bench_mine.py --scale [--scale_docs 1000000] [--scale_queries 1000] [--dim 384] \
         [--scale_index IVF1024,SQfp16 --scale_search_params nprobe=32]
-    python bench/bench_mine.py --train      # + SciFact test nDCG@10 after training on each mined set
+    python bench/bench_mine.py --train [--seeds 42 43 44] [--workdir DIR]
+                                            # + SciFact test nDCG@10 after training on each mined set
+    python bench/bench_mine.py --train --reuse_mined --workdir DIR --seeds 42 43 44
+                                            # retrain on the sets an earlier --train run mined into DIR
 
 Default mode, on SciFact's judged train pairs (qrels/train.tsv) with the bundled MiniLM as teacher,
 the same number of negatives, relative margin, encode batch size and full corpus for both:
@@ -19,7 +22,8 @@ encoding, mining, writing the output), and reports its peak RSS.
 `--scale`: 1,000 queries against 1,000,000 random unit 384-dim vectors stored as an fp16 memmap
 (exact flat search, the positive-aware rules), reporting queries/s and the mining process's peak RSS.
 `--train` trains recipes/scifact-mine-minilm-cpu.yaml on each mined set (scripts/train.py under
-accelerate, then scripts/eval_mteb.py) and reports nDCG@10 of each: about 40 min on 2 CPU cores.
+accelerate, then scripts/eval_mteb.py) and reports nDCG@10 of each, per seed and the mean: about 40 min on 2 CPU cores for one seed, +20 min per
+extra seed. A (set, seed) already evaluated in --workdir is read back, so an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -209,15 +213,43 @@ def spawn(kind: str, name: str, args) -> dict:
     return result
 
 
-def train_and_eval(train_jsonl: str, name: str, args) -> dict:
-    """The same recipe trained on one mined set, then SciFact test nDCG@10 (scripts/train.py + eval_mteb.py)."""
-    run_dir = Path(args.workdir) / f"train_{name}"
-    common = [str(RECIPE), "--run_dir", str(run_dir), "--data.corpus", args.data, "--train.stages.0.data.0", train_jsonl]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
-                    str(ROOT / "scripts" / "train.py"), *common], cwd=ROOT, env=env, check=True)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_mteb.py"), *common], cwd=ROOT, env=env, check=True)
-    return json.loads((run_dir / "eval_summary.json").read_text())["ndcg_at_10"]
+def train_and_eval(train_jsonl: str, name: str, seed: int, args) -> float:
+    """The same recipe trained on one mined set under one seed, then SciFact test nDCG@10 (scripts/train.py +
+    eval_mteb.py). A (set, seed) already evaluated in this workdir is read back, so an interrupted run resumes."""
+    run_dir = Path(args.workdir) / f"train_{name}_seed{seed}"
+    summary = run_dir / "eval_summary.json"
+    if not summary.exists():
+        common = [str(RECIPE), "--run_dir", str(run_dir), "--seed", str(seed), "--data.corpus", args.data,
+                  "--train.stages.0.data.0", train_jsonl]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        print(f"[bench] training on {name}'s set, seed {seed} ...", file=sys.stderr, flush=True)
+        subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+                        str(ROOT / "scripts" / "train.py"), *common], cwd=ROOT, env=env, check=True)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_mteb.py"), *common], cwd=ROOT, env=env,
+                       check=True)
+    return json.loads(summary.read_text())["ndcg_at_10"]
+
+
+def compare_training(mined: dict[str, str], args) -> dict:
+    """nDCG@10 after training on each mined set, per seed and averaged: one seed's gap is within seed noise."""
+    scores = {name: {seed: train_and_eval(path, name, seed, args) for seed in args.seeds}
+              for name, path in mined.items()}
+    return {"seeds": args.seeds,
+            "per_seed": {name: [round(by_seed[s], 2) for s in args.seeds] for name, by_seed in scores.items()},
+            "mean": {name: round(statistics.mean(by_seed.values()), 2) for name, by_seed in scores.items()},
+            "stdev": {name: round(statistics.stdev(by_seed.values()), 2) if len(by_seed) > 1 else None
+                      for name, by_seed in scores.items()}}
+
+
+def reused_mined_sets(args) -> dict:
+    """`--reuse_mined`: the sets an earlier run mined into this workdir, trained on without timing anything again."""
+    mined = {"ours": Path(args.workdir) / "ours_cold_0" / "train.jsonl", "st": Path(args.workdir) / "st_0" / "train.jsonl"}
+    missing = [str(path) for path in mined.values() if not path.exists()]
+    if missing:
+        raise SystemExit(f"[bench] --reuse_mined: no mined set at {', '.join(missing)}; "
+                         "run once with --train --workdir DIR first")
+    return {"mode": "train on reused mined sets", "workdir": args.workdir,
+            "ndcg_at_10_after_training": compare_training({k: str(v) for k, v in mined.items()}, args)}
 
 
 def bench_scifact(args) -> dict:
@@ -256,8 +288,8 @@ def bench_scifact(args) -> dict:
         t_st_bf16 = statistics.median(r["seconds"] for r in st_bf16)
         result.update(st_bf16_seconds=round(t_st_bf16, 2), ratio_st_bf16_over_ours=round(t_st_bf16 / t_ours, 3))
     if args.train:
-        result["ndcg_at_10_after_training"] = {"ours": train_and_eval(ours[0]["train_jsonl"], "ours", args),
-                                               "st": train_and_eval(st[0]["train_jsonl"], "st", args)}
+        result["ndcg_at_10_after_training"] = compare_training(
+            {"ours": ours[0]["train_jsonl"], "st": st[0]["train_jsonl"]}, args)
     return result
 
 
@@ -286,6 +318,9 @@ def main() -> None:
     p.add_argument("--scale_index", default="flat", help="'flat' (exact) or a faiss factory string, e.g. IVF1024,SQfp16")
     p.add_argument("--scale_search_params", default="", help="e.g. nprobe=32 for an IVF index")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="--train: one training run per seed and set")
+    p.add_argument("--reuse_mined", action="store_true",
+                   help="--train only: train on the sets an earlier run mined into --workdir, timing nothing")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--_child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -296,9 +331,14 @@ def main() -> None:
         args.name = args._name
         print(json.dumps(CHILDREN[args._child](args)))
         return
+    if args.reuse_mined and not (args.train and args.workdir):
+        p.error("--reuse_mined needs --train and the --workdir of an earlier --train run")
     with tempfile.TemporaryDirectory(prefix="bench_mine_") as tmp:
         args.workdir = args.workdir or tmp
-        result = bench_scale(args) if args.scale else bench_scifact(args)
+        if args.reuse_mined:
+            result = reused_mined_sets(args)
+        else:
+            result = bench_scale(args) if args.scale else bench_scifact(args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -27,6 +27,7 @@ import numpy as np
 
 from embed.config import ConfigError
 from embed.data import Corpus, JsonlAppender, read_jsonl, write_json_atomic
+from embed.embedding_cache import corpus_fingerprint
 from embed.prompts import DEFAULT_TASK, PromptBuilder, parse_answer, task_prompt
 from embed.query_filters import REASONS, QueryFilter
 
@@ -75,17 +76,16 @@ def block_seed(seed: int, block: int, attempt: int) -> int:
     return (seed * 1_000_003 + block * 7_919 + attempt * 104_729) % 2**31
 
 
-# Keys that do not change a row, so a rerun may differ in them (max_docs: the plan is a prefix
-# of one seeded order, so more documents extend a run).
-RESUME_FREE_KEYS = ("max_docs", "vllm", "openai", "trust_remote_code")
+# Keys that do not change a row of queries.jsonl, so a rerun may differ in them (max_docs: the plan is
+# a prefix of one seeded order, so more documents extend a run; the inverse-cloze queries go to their
+# own file, rewritten whole on every run).
+RESUME_FREE_KEYS = ("max_docs", "vllm", "openai", "trust_remote_code", "cloze_queries", "cloze_keep_sentence")
 
 
-def check_resume(run_dir: Path, gen, seed: int, corpus_source: str) -> None:
-    """Refuse to extend queries.jsonl written with other settings: the rows would silently mix."""
-    source = Path(corpus_source)
-    stat = source.stat() if source.exists() else None
-    fingerprint = {"seed": seed, "corpus": [corpus_source, stat.st_size if stat else None,
-                                            stat.st_mtime_ns if stat else None],
+def check_resume(run_dir: Path, gen, seed: int, corpus: Corpus) -> None:
+    """Refuse to extend queries.jsonl written with other settings or another corpus: the rows would
+    silently mix. The corpus is compared by content, so a copied or re-downloaded corpus still resumes."""
+    fingerprint = {"seed": seed, "corpus": corpus_fingerprint(corpus.ids, [corpus.doc_text(i) for i in range(len(corpus))]),
                    **{k: v for k, v in dataclasses.asdict(gen).items() if k not in RESUME_FREE_KEYS}}
     path = run_dir / "gen_resume.json"
     if (run_dir / "queries.jsonl").exists() and path.is_file():

@@ -108,7 +108,7 @@ def main():
 
     # ------------------------------------------------------------------ inputs and plan
     corpus = load_corpus(cfg.data.corpus)
-    check_resume(run_dir, gen, cfg.seed, corpus.source)
+    check_resume(run_dir, gen, cfg.seed, corpus)
     units = plan_units(corpus, gen.max_docs, gen.queries_per_doc, gen.query_types, gen.query_lengths, cfg.seed)
     out = JsonlAppender(run_dir / "queries.jsonl", row_key)
     todo = [u for u in units if u.key not in out.done]
