@@ -227,7 +227,8 @@ def train_and_eval(train_jsonl: str, name: str, seed: int, args) -> float:
                         str(ROOT / "scripts" / "train.py"), *common], cwd=ROOT, env=env, check=True)
         subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_mteb.py"), *common], cwd=ROOT, env=env,
                        check=True)
-    return json.loads(summary.read_text())["ndcg_at_10"]
+    (scores,) = json.loads(summary.read_text())["ndcg_at_10"].values()  # the recipe evaluates one dataset
+    return round(100 * scores["trained"], 2)
 
 
 def compare_training(mined: dict[str, str], args) -> dict:
