@@ -236,7 +236,7 @@ def compare_training(mined: dict[str, str], args) -> dict:
     scores = {name: {seed: train_and_eval(path, name, seed, args) for seed in args.seeds}
               for name, path in mined.items()}
     return {"seeds": args.seeds,
-            "per_seed": {name: [round(by_seed[s], 2) for s in args.seeds] for name, by_seed in scores.items()},
+            "per_seed": {name: [by_seed[s] for s in args.seeds] for name, by_seed in scores.items()},
             "mean": {name: round(statistics.mean(by_seed.values()), 2) for name, by_seed in scores.items()},
             "stdev": {name: round(statistics.stdev(by_seed.values()), 2) if len(by_seed) > 1 else None
                       for name, by_seed in scores.items()}}

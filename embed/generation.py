@@ -27,7 +27,6 @@ import numpy as np
 
 from embed.config import ConfigError
 from embed.data import Corpus, JsonlAppender, read_jsonl, write_json_atomic
-from embed.embedding_cache import corpus_fingerprint
 from embed.prompts import DEFAULT_TASK, PromptBuilder, parse_answer, task_prompt
 from embed.query_filters import REASONS, QueryFilter
 
@@ -82,10 +81,11 @@ def block_seed(seed: int, block: int, attempt: int) -> int:
 RESUME_FREE_KEYS = ("max_docs", "vllm", "openai", "trust_remote_code", "cloze_queries", "cloze_keep_sentence")
 
 
-def check_resume(run_dir: Path, gen, seed: int, corpus: Corpus) -> None:
+def check_resume(run_dir: Path, gen, seed: int, corpus_key: str) -> None:
     """Refuse to extend queries.jsonl written with other settings or another corpus: the rows would
-    silently mix. The corpus is compared by content, so a copied or re-downloaded corpus still resumes."""
-    fingerprint = {"seed": seed, "corpus": corpus_fingerprint(corpus.ids, [corpus.doc_text(i) for i in range(len(corpus))]),
+    silently mix. `corpus_key` is `embedding_cache.corpus_fingerprint` (content, not file times), so a
+    copied or re-downloaded corpus still resumes."""
+    fingerprint = {"seed": seed, "corpus": corpus_key,
                    **{k: v for k, v in dataclasses.asdict(gen).items() if k not in RESUME_FREE_KEYS}}
     path = run_dir / "gen_resume.json"
     if (run_dir / "queries.jsonl").exists() and path.is_file():

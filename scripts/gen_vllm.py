@@ -31,7 +31,7 @@ from embed.cli import run_main
 from embed.config import ConfigError, parse_recipe
 from embed.cloze_queries import cloze_pairs
 from embed.data import JsonlAppender, load_corpus, read_jsonl, write_json_atomic, write_jsonl_atomic
-from embed.embedding_cache import DEFAULT_CACHE_ROOT
+from embed.embedding_cache import DEFAULT_CACHE_ROOT, corpus_fingerprint
 from embed.generation import (QueryGenerator, check_resume, log_samples, plan_units, resolve_task, row_key,
                               summarise)
 from embed.hardware import peak_rss_gb
@@ -108,7 +108,8 @@ def main():
 
     # ------------------------------------------------------------------ inputs and plan
     corpus = load_corpus(cfg.data.corpus)
-    check_resume(run_dir, gen, cfg.seed, corpus)
+    texts = [corpus.doc_text(i) for i in range(len(corpus))]
+    check_resume(run_dir, gen, cfg.seed, corpus_fingerprint(corpus.ids, texts))
     units = plan_units(corpus, gen.max_docs, gen.queries_per_doc, gen.query_types, gen.query_lengths, cfg.seed)
     out = JsonlAppender(run_dir / "queries.jsonl", row_key)
     todo = [u for u in units if u.key not in out.done]
@@ -117,7 +118,6 @@ def main():
 
     # ------------------------------------------------------------------ filters (round trip over the whole corpus)
     t = time.perf_counter()
-    texts = [corpus.doc_text(i) for i in range(len(corpus))]
     settings = FilterSettings(gen.min_words, gen.max_words, gen.max_copy_overlap, gen.copy_ngram,
                               gen.round_trip, gen.round_trip_k)
     if todo:

@@ -494,22 +494,27 @@ def test_kill_mid_run_then_rerun_equals_an_uninterrupted_run(tiny_generator, tin
 def test_rerun_with_other_settings_is_refused(corpus_dir, tmp_path):
     import shutil
 
+    from embed.embedding_cache import corpus_fingerprint
     from embed.recipe import GenConfig
 
-    corpus = load_corpus(str(corpus_dir))
+    def key(folder):
+        corpus = load_corpus(str(folder))
+        return corpus_fingerprint(corpus.ids, [corpus.doc_text(i) for i in range(len(corpus))])
+
+    corpus = key(corpus_dir)
     check_resume(tmp_path, GenConfig(), 1, corpus)
     (tmp_path / "queries.jsonl").write_text("")
     check_resume(tmp_path, GenConfig(max_docs=500), 1, corpus)  # more documents extend a run
     check_resume(tmp_path, GenConfig(cloze_queries=True), 1, corpus)  # cloze queries have their own file
     copied = tmp_path / "copy"  # the same documents elsewhere, with new file times, still resume
     shutil.copytree(corpus_dir, copied)
-    check_resume(tmp_path, GenConfig(), 1, load_corpus(str(copied)))
+    check_resume(tmp_path, GenConfig(), 1, key(copied))
     with pytest.raises(ConfigError, match=r"other settings \(seed, gen.temperature changed\)"):
         check_resume(tmp_path, GenConfig(temperature=0.1), 2, corpus)
     rows = (copied / "corpus.jsonl").read_text().splitlines()
     (copied / "corpus.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # one document fewer
     with pytest.raises(ConfigError, match=r"\(corpus changed\)"):
-        check_resume(tmp_path, GenConfig(), 1, load_corpus(str(copied)))
+        check_resume(tmp_path, GenConfig(), 1, key(copied))
 
 
 def test_gen_config_checks():
