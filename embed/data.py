@@ -377,5 +377,5 @@ def pairs_from_beir(folder: str, split: str, skipped: Optional[Counter] = None) 
             continue
         examples.append(TrainExample(query=queries[qid], query_id=qid, pos_ids=pos,
                                      pos_texts=[corpus.doc_text(corpus.index[d]) for d in pos],
-                                     source=f"{folder}:{split}"))
+                                     source=f"qrels:{Path(folder) / 'qrels' / f'{split}.tsv'}"))
     return examples

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from sentence_transformers.base.modules.module import Module
 from torch import Tensor, nn
+
+from embed.pooling import exclude_prompt
+from embed.st_module import PackageModule
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -98,13 +100,7 @@ class LatentAttentionPooling(nn.Module):
         return head
 
 
-def exclude_prompt(attention_mask: Tensor, prompt_length: int) -> Tensor:
-    """Pooling mask without each row's first `prompt_length` real tokens (left or right padding)."""
-    real_token_rank = attention_mask.cumsum(dim=1)
-    return attention_mask * (real_token_rank > prompt_length).to(attention_mask.dtype)
-
-
-class LatentAttentionST(Module):
+class LatentAttentionST(PackageModule):
     """sentence-transformers module: features {token_embeddings, attention_mask} -> sentence_embedding.
 
     Instruction exclusion mirrors ST's `Pooling(include_prompt=False)`: with `include_prompt`
@@ -138,13 +134,8 @@ class LatentAttentionST(Module):
         self.save_config(output_path)
 
     @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
-             cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
-             **kwargs) -> "LatentAttentionST":
-        hub_kwargs = {"subfolder": subfolder, "token": token, "cache_folder": cache_folder,
-                      "revision": revision, "local_files_only": local_files_only}
-        folder = cls.load_dir_path(model_name_or_path, **hub_kwargs)
-        return cls(LatentAttentionPooling.load(folder), **cls.load_config(model_name_or_path, **hub_kwargs))
+    def from_folder(cls, folder: str, **config) -> "LatentAttentionST":
+        return cls(LatentAttentionPooling.load(folder), **config)
 
 
 def _padded_inputs(features: dict[str, Any]) -> tuple[Tensor, Tensor]:

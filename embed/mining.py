@@ -5,7 +5,8 @@ The pieces live in their own modules: embed.embedding_cache (corpus embeddings o
 embed.bm25_index and embed.dense_index (candidates), embed.negative_filters (fusion and the
 positive-aware rules). This module joins them and owns the run's files:
 
-  run_dir/train.jsonl            the training-set schema (embed.data.TrainExample), one row a query
+  run_dir/train.jsonl            the training-set schema (embed.data.TrainExample), one row a query; its
+                                 `source` (generated, cloze, qrels:<path>) lets a training stage pick
   run_dir/mine_summary.json      counts, drops per rule, negatives-per-query histogram, timings, peak RSS
   run_dir/mine_scores.png        teacher scores of positives vs kept negatives (see the margin work)
   run_dir/train.jsonl.partial    append-only while mining, keyed by query_id; renamed when complete
@@ -53,6 +54,8 @@ def check_mine_config(mine) -> None:
         raise ConfigError("keys 'mine.rank_min' and 'mine.rank_max' must be >= 0")
     if mine.rank_max and mine.rank_max <= mine.rank_min:
         raise ConfigError(f"key 'mine.rank_max' ({mine.rank_max}) must be 0 or > mine.rank_min ({mine.rank_min})")
+    if not mine.generated and not mine.qrels:
+        raise ConfigError("keys 'mine.generated' (false) and 'mine.qrels' (empty) leave nothing to mine")
     if not mine.retrievers:
         raise ConfigError("key 'mine.retrievers' must name at least one of: dense, bm25")
     if not 0.0 <= mine.teacher_bm25_weight <= 1.0:
@@ -176,17 +179,25 @@ def exclude_positives_of_same_text(queries: list[MiningQuery]) -> None:
 
 
 def load_mining_queries(cfg, corpus: Corpus, skipped: Counter, log: Log = log_line) -> tuple[list[MiningQuery], list[Path]]:
-    """(queries, the files they came from): qrels when `mine.qrels` is set, else the generation
-    stage's run_dir/queries.jsonl and run_dir/cloze_queries.jsonl, whichever exist."""
-    if cfg.mine.qrels:
-        paths = [resolve_qrels_path(cfg.mine.qrels, cfg.data.corpus)]
-        queries = queries_from_qrels(paths[0], cfg.mine.queries, corpus, skipped, log)
-    else:  # the LLM's queries and the inverse-cloze ones, whichever the generation stage wrote
-        paths = [p for p in (Path(cfg.run_dir) / "queries.jsonl", Path(cfg.run_dir) / "cloze_queries.jsonl") if p.is_file()]
-        if not paths:
+    """(queries, the files they came from): the generation stage's run_dir/queries.jsonl and
+    run_dir/cloze_queries.jsonl, whichever exist (`mine.generated`), then the judged pairs of
+    `mine.qrels`. Each train.jsonl row's `source` says which, so a stage can pick (stages.*.sources)."""
+    queries, paths = [], []
+    if cfg.mine.generated:  # the LLM's queries and the inverse-cloze ones, whichever the generation stage wrote
+        generated = [p for p in (Path(cfg.run_dir) / "queries.jsonl", Path(cfg.run_dir) / "cloze_queries.jsonl") if p.is_file()]
+        if not generated:
             raise DataError(f"{Path(cfg.run_dir) / 'queries.jsonl'}: file not found (run scripts/gen_vllm.py first, "
-                            "or set mine.qrels to mine judged pairs)")
-        queries = [q for p in paths for q in queries_from_generation(p, corpus, skipped, log)]
+                            "or set mine.generated: false and mine.qrels to mine judged pairs alone)")
+        queries += [q for p in generated for q in queries_from_generation(p, corpus, skipped, log)]
+        paths += generated
+    if cfg.mine.qrels:
+        paths.append(resolve_qrels_path(cfg.mine.qrels, cfg.data.corpus))
+        judged = queries_from_qrels(paths[-1], cfg.mine.queries, corpus, skipped, log)
+        clash = {q.query_id for q in queries} & {q.query_id for q in judged}
+        if clash:
+            raise DataError(f"{paths[-1]}: query id '{min(clash)}' is also a generated query's id "
+                            f"({len(clash)} shared); query ids must be unique across mined inputs")
+        queries += judged
     exclude_positives_of_same_text(queries)
     return queries, paths
 
@@ -390,10 +401,11 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
 # ---------------------------------------------------------------- summary
 def summarise(train_path: Path, stats: list[dict], num_negatives: int, skipped: Counter) -> tuple[dict, list, list]:
     """Counts for mine_summary.json, plus all positive and negative teacher scores for the plot."""
-    per_query = Counter()
+    per_query, per_source = Counter(), Counter()
     pos_scores, neg_scores, judged_leaks = [], [], 0
     for _, row in read_jsonl(train_path):
         per_query[len(row["neg_ids"])] += 1
+        per_source[(row.get("source") or "").split(":", 1)[0]] += 1
         pos_scores.extend(row["pos_scores"] or [])
         neg_scores.extend(row["neg_scores"] or [])
         judged_leaks += len(set(row["neg_ids"]) & set(row["pos_ids"]))
@@ -403,6 +415,7 @@ def summarise(train_path: Path, stats: list[dict], num_negatives: int, skipped: 
         drops.update(s["drops"])
     summary = {
         "queries_mined": n,
+        "queries_per_source": dict(sorted(per_source.items())),
         "queries_skipped": dict(sorted(skipped.items())),
         "negatives_per_query_mean": round(sum(k * v for k, v in per_query.items()) / max(n, 1), 4),
         "negatives_per_query_histogram": {str(k): per_query[k] for k in sorted(per_query)},

@@ -20,12 +20,13 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from embed.paths import resolve_model
-from embed.pooling import ST_MODE_TO_NAME, build_pooling, pooling_class
+from embed.pooling import ST_MODE_TO_NAME, build_pooling, exclude_prompt, pooling_class
 
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 ST_POOLING = "sentence_transformers.models.Pooling"
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
 LATENT_ATTENTION_ST = "embed.latent_attention.LatentAttentionST"
+LEXICAL_CHANNEL_ST = "embed.lexical.LexicalChannelST"
 EXTRA_CONFIG = "embed_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,7 +86,7 @@ def read_saved_settings(folder: Path) -> tuple[EncoderSettings, Optional[tuple[s
         elif m["type"] == LATENT_ATTENTION_ST:
             custom_pooling = ("latent_attention", mdir)
             settings.pool_prompt_tokens = _read_json(mdir / "latent_attention_st.json").get("include_prompt", True)
-        elif not m["type"].startswith("sentence_transformers."):
+        elif not m["type"].startswith("sentence_transformers.") and m["type"] != LEXICAL_CHANNEL_ST:
             raise ModelLoadError(f"{folder}/modules.json: module type '{m['type']}' is not supported")
     st_cfg = _read_json(folder / "sentence_bert_config.json")
     settings.max_length = st_cfg.get("max_seq_length") or settings.max_length
@@ -99,14 +100,24 @@ def read_saved_settings(folder: Path) -> tuple[EncoderSettings, Optional[tuple[s
     return settings, custom_pooling
 
 
+def saved_lexical_channel(folder: Path):
+    """The lexical channel (embed.lexical) a saved model's modules.json names, else None."""
+    from embed.lexical import LexicalChannel
+
+    modules = _read_json(folder / "modules.json") or []
+    dirs = [folder / m["path"] for m in modules if m["type"] == LEXICAL_CHANNEL_ST]
+    return LexicalChannel.load(dirs[0]) if dirs else None
+
+
 # ---------------------------------------------------------------- the model
 class EmbeddingModel(nn.Module):
-    def __init__(self, backbone: nn.Module, tokenizer, pooling: nn.Module, settings: EncoderSettings):
+    def __init__(self, backbone: nn.Module, tokenizer, pooling: nn.Module, settings: EncoderSettings, lexical=None):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.settings = settings
+        self.lexical = lexical  # embed.lexical.LexicalChannel appended after normalisation, or None
         self._prompt_lengths: dict[str, int] = {}
 
     # convenience views of the settings
@@ -130,8 +141,10 @@ class EmbeddingModel(nn.Module):
         """Load a base or trained model; keyword overrides (None = keep saved) win over saved settings."""
         path = resolve_model(name_or_path)
         folder = Path(path)
+        lexical = None
         if folder.is_dir():
             settings, custom_pooling = read_saved_settings(folder)
+            lexical = saved_lexical_channel(folder)
         elif path.startswith((".", "/", "~")) or path.endswith(("/", ".json", ".safetensors")):
             raise ModelLoadError(f"model path '{name_or_path}' does not exist")
         else:
@@ -163,7 +176,7 @@ class EmbeddingModel(nn.Module):
             settings.pooling = custom_pooling[0]
         else:
             pooling = build_pooling(settings.pooling, hidden, **(latent_attention or {}))
-        return cls(backbone, tokenizer, pooling, settings)
+        return cls(backbone, tokenizer, pooling, settings, lexical=lexical)
 
     # ------------------------------------------------------------ tokenisation
     def _prompt_length(self, prompt: str) -> int:
@@ -188,13 +201,10 @@ class EmbeddingModel(nn.Module):
         features = self.tokenizer([prompt + t for t in texts], padding=True, truncation=True,
                                   max_length=max_length, return_tensors="pt")
         attention_mask = features["attention_mask"]
-        pooling_mask = attention_mask.clone()
-        if prompt and not self.settings.pool_prompt_tokens:
-            n = self._prompt_length(prompt)
-            starts = attention_mask.to(torch.int32).argmax(dim=1)                 # [B] first real token
-            positions = torch.arange(attention_mask.size(1)).unsqueeze(0)         # [1, T]
-            pooling_mask[positions < (starts + n).unsqueeze(1)] = 0
-        features["pooling_mask"] = pooling_mask
+        content_mask = exclude_prompt(attention_mask, self._prompt_length(prompt)) if prompt else attention_mask
+        features["pooling_mask"] = attention_mask.clone() if self.settings.pool_prompt_tokens else content_mask
+        if self.lexical is not None:  # a prompt's words are in every query: kept out of lexical matching
+            features["lexical_mask"] = content_mask
         return dict(features)
 
     # ------------------------------------------------------------ forward
@@ -209,6 +219,8 @@ class EmbeddingModel(nn.Module):
         embeddings = self.pooling(token_embeddings, features["attention_mask"], pooling_mask)  # [B, H]
         if self.settings.normalize:
             embeddings = nn.functional.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
+        if self.lexical is not None:
+            embeddings = self.lexical(embeddings, features["input_ids"], features.get("lexical_mask", features["attention_mask"]))
         return embeddings
 
     @torch.inference_mode()
@@ -235,7 +247,8 @@ class EmbeddingModel(nn.Module):
         return out
 
     def _output_dim(self) -> int:
-        return getattr(self.pooling, "output_dim", self.hidden_size)
+        dense = getattr(self.pooling, "output_dim", self.hidden_size)
+        return dense + (self.lexical.dim if self.lexical is not None else 0)
 
     # ------------------------------------------------------------ saving
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -264,6 +277,12 @@ class EmbeddingModel(nn.Module):
         if s.normalize:
             (path / "2_Normalize").mkdir(exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": ST_NORMALIZE})
+        if self.lexical is not None:  # this package's ST module, like the latent-attention head
+            from embed.lexical import LexicalChannelST
+
+            LexicalChannelST(self.lexical, dense_dim=getattr(self.pooling, "output_dim", self.hidden_size)).save(
+                str(path / "3_LexicalChannel"))
+            modules.append({"idx": 3, "name": "3", "path": "3_LexicalChannel", "type": LEXICAL_CHANNEL_ST})
         (path / "modules.json").write_text(json.dumps(modules, indent=2))
         (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": s.max_length, "do_lower_case": False}, indent=2))
         prompts = {"query": s.query_prompt, "document": s.document_prompt}

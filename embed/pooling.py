@@ -17,6 +17,12 @@ import torch
 from torch import nn
 
 
+def exclude_prompt(attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Pooling mask without each row's first `prompt_length` real tokens (left or right padding)."""
+    real_token_rank = attention_mask.cumsum(dim=1)
+    return attention_mask * (real_token_rank > prompt_length).to(attention_mask.dtype)
+
+
 class MeanPooling(nn.Module):
     st_mode = "mean"
 

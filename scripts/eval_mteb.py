@@ -41,7 +41,7 @@ from embed.domain_analysis import format_report, headroom_by_task, load_publishe
 from embed.evaluation import (PUBLISHED_NAMES, default_model_name, embedding_dim, evaluate_model, is_local_task,
                               model_fingerprint, resolve_eval_tasks, task_label, task_splits)
 from embed.leaderboard import bar_chart, model_card, prepare_submission, push_to_hub, results_table
-from embed.model import EmbeddingModel, load_from_config, package_modules
+from embed.model import LEXICAL_CHANNEL_ST, EmbeddingModel, load_from_config, package_modules
 from embed.recipe import Recipe
 
 
@@ -118,6 +118,8 @@ def main():
         trained_name = cfg.eval.model_name or flags.push_to_hub or default_model_name(str(run_dir / "model"))
         models = {"base": (default_model_name(base_path), lambda: load_from_config(cfg.model, base_path)),
                   "trained": (trained_name, load_trained)}
+        if LEXICAL_CHANNEL_ST in package_modules(run_dir / "model"):  # what the lexical channel adds: the dense half alone
+            models["trained_dense"] = (f"{trained_name}-dense-half", lambda: without_lexical_channel(load_trained()))
     else:
         models = {"model": (default_model_name(cfg.model.name_or_path), lambda: load_from_config(cfg.model))}
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,6 +195,11 @@ def main():
         print("no results-repo submission: only MTEB tasks go to the leaderboard (local BEIR folders do not)")
     if flags.push_to_hub:
         print(f"uploaded: {push_to_hub(run_dir / 'model', flags.push_to_hub, token)}")
+
+
+def without_lexical_channel(model):
+    model.lexical = None
+    return model
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Hard-negative mining: BM25 + dense-teacher candidates, fused by reciprocal rank, positive-aware filtered.
 
 Usage:
-    python scripts/mine_faiss.py recipes/scifact-mine-minilm-cpu.yaml        # judged pairs (mine.qrels: train)
     python scripts/mine_faiss.py recipes/scifact-minilm-cpu.yaml --run_dir DIR  # DIR/queries.jsonl from gen_vllm.py
+    python scripts/mine_faiss.py recipes/scifact-minilm-cpu-fewlabel.yaml   # generated queries + judged train pairs
+    python scripts/mine_faiss.py recipes/scifact-mine-minilm-cpu.yaml       # judged pairs alone (mine.generated: false)
     python scripts/mine_faiss.py RECIPE.yaml --mine.qrels train --mine.num_negatives 8   # any key overridden
     accelerate launch --multi_gpu --num_processes 8 scripts/mine_faiss.py RECIPE.yaml   # corpus encoding sharded over processes
 
 Reads the generation stage's `run_dir/queries.jsonl` (rows with kept=true; the source document is the
-positive) or, with `mine.qrels`, judged pairs; mines negatives from `data.corpus`. Writes
-`run_dir/train.jsonl` (training-set schema), `mine_summary.json` and `mine_scores.png`.
+positive) and/or, with `mine.qrels`, judged pairs; mines negatives from `data.corpus`. Writes
+`run_dir/train.jsonl` (training-set schema; each row's `source` names its input, which training
+stages select with `sources`), `mine_summary.json` and `mine_scores.png`.
 Corpus embeddings are cached (`mine.cache_dir`) and reused by any run with the same teacher and
 corpus. Rerunning a killed run resumes: finished queries are kept, none is written twice.
 """

@@ -29,8 +29,9 @@ from embed.batching import collate_keys, epoch_batches, make_group, usable_examp
 from embed.checkpoints import CheckpointManager
 from embed.cli import run_main
 from embed.config import ConfigError, parse_recipe, to_dict
-from embed.data import pairs_from_beir, read_train_set, write_json_atomic
+from embed.data import DataError, load_corpus, pairs_from_beir, read_train_set, write_json_atomic
 from embed.hardware import choose_precision, peak_rss_gb
+from embed.lexical import fit_lexical_channel
 from embed.loss import InfoNCELoss, ListwiseDistillation, MatryoshkaLoss
 from embed.model import load_from_config
 
@@ -38,7 +39,8 @@ MAX_POSITIVES = 8  # positives per query considered for false-negative masking
 
 
 def load_stage_data(stage, run_dir: str, skipped: Counter):
-    """Training examples of one stage: train.jsonl files and/or judged pairs of BEIR folders."""
+    """Training examples of one stage: train.jsonl files and/or judged pairs of BEIR folders,
+    narrowed to the stage's `sources` (rows from other sources are left out, not skipped)."""
     examples = []
     for entry in stage.data:
         entry = entry.replace("{run_dir}", run_dir)
@@ -46,7 +48,16 @@ def load_stage_data(stage, run_dir: str, skipped: Counter):
             examples += pairs_from_beir(entry, stage.split, skipped=skipped)
         else:
             examples += read_train_set(entry, skipped=skipped)
+    if stage.sources:
+        examples = [e for e in examples if source_kind(e.source) in stage.sources]
+        if not examples:
+            raise DataError(f"stage '{stage.name}': no rows of {stage.data} come from sources {stage.sources}")
     return usable_examples(examples, stage.num_negatives, skipped, need_scores=stage.distill_weight > 0)
+
+
+def source_kind(source: str | None) -> str:
+    """'generated', 'cloze', or the part before ':' ('qrels:<path>' -> 'qrels')."""
+    return (source or "").split(":", 1)[0]
 
 
 def optimizer_groups(model, lr: float, weight_decay: float, head_lr: float | None):
@@ -228,6 +239,12 @@ def main():
             from embed.lora import merge_lora
 
             final.backbone = merge_lora(final.backbone)
+        if cfg.model.lexical_weight:  # embed.lexical: IDF over the domain corpus, fixed after training
+            corpus = load_corpus(cfg.data.corpus)
+            final.lexical = fit_lexical_channel(final, [corpus.doc_text(i) for i in range(len(corpus))],
+                                                cfg.model.lexical_dim, cfg.model.lexical_weight, seed=cfg.seed)
+            accelerator.print(f"lexical channel: IDF over {len(corpus)} documents of {cfg.data.corpus}, "
+                              f"{cfg.model.lexical_dim} buckets, weight {cfg.model.lexical_weight}")
         _save_atomically(final, Path(run_dir) / "model")
         elapsed = time.time() - t_start
         summary = {

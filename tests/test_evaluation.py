@@ -262,6 +262,29 @@ def test_trained_run_writes_table_chart_summary_and_card(tmp_path, monkeypatch, 
     assert "| tiny_beir | test |" in capsys.readouterr().out
 
 
+def test_model_with_a_lexical_channel_is_also_scored_without_it(tmp_path, monkeypatch):
+    """The table shows what the lexical channel adds: the trained model's dense half is a third column."""
+    from embed.data import load_corpus
+    from embed.lexical import fit_lexical_channel
+
+    base = make_tiny_bert(tmp_path / "base" / "model", seed=0)
+    run_dir = tmp_path / "run"
+    model = EmbeddingModel.from_pretrained(str(make_tiny_bert(tmp_path / "dense", seed=2)))
+    corpus = load_corpus(str(TINY_BEIR))
+    model.lexical = fit_lexical_channel(model, [corpus.doc_text(i) for i in range(len(corpus))], dim=64, weight=0.5)
+    model.save_pretrained(run_dir / "model")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"run_dir": str(run_dir), "model": {"name_or_path": str(base)},
+                                      "data": {"eval": [str(TINY_BEIR)], "eval_split": "test"}}))
+    _run_script(monkeypatch, recipe)
+    assert "| dataset | split | base | trained | trained_dense | Δ |" in (run_dir / "eval" / "results.md").read_text()
+    ndcg = json.loads((run_dir / "eval_summary.json").read_text())["ndcg_at_10"]["tiny_beir"]
+    dense = evaluate_beir(EmbeddingModel.from_pretrained(str(tmp_path / "dense")), str(TINY_BEIR))["ndcg_at_10"]
+    hybrid = evaluate_beir(EmbeddingModel.from_pretrained(str(run_dir / "model")), str(TINY_BEIR))["ndcg_at_10"]
+    assert ndcg["trained_dense"] == pytest.approx(dense) and ndcg["trained"] == pytest.approx(hybrid)
+    assert len(list((run_dir / "eval" / "results").iterdir())) == 3  # each role its own results folder
+
+
 def test_one_model_without_recipe(tmp_path, monkeypatch, tiny_bert_dir):
     _run_script(monkeypatch, "--model", tiny_bert_dir, "--data", TINY_BEIR, "--run_dir", tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "eval_summary.json").read_text())

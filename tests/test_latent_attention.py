@@ -4,7 +4,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
 from embed.bidirectional import make_bidirectional
-from embed.latent_attention import LatentAttentionPooling, LatentAttentionST, exclude_prompt
+from embed.latent_attention import LatentAttentionPooling, LatentAttentionST
+from embed.pooling import exclude_prompt
 from embed.paths import resolve_model
 
 HIDDEN = 32

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def recipe(tmp_path, model, corpus, **mine):
         "run_dir": str(tmp_path / "run"), "seed": 1,
         "model": {"name_or_path": model, "max_length": 32, "query_max_length": 16},
         "data": {"corpus": str(corpus)},
-        "mine": {"num_negatives": 3, "depth": 20, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), **mine},
+        "mine": {"num_negatives": 3, "depth": 20, "batch_size": 4, "cache_dir": str(tmp_path / "cache"),
+                 "generated": "qrels" not in mine, **mine},
     }))
     return path
 
@@ -199,6 +201,32 @@ def test_generated_queries_skip_and_count_bad_rows(tmp_path, tiny_teacher, beir,
     rows = check_train_set(run / "train.jsonl", {}, 3, summary)
     assert [(r["query_id"], r["pos_ids"], r["source"]) for r in rows] == [("d0#0", ["d0"], "generated"),
                                                                           ("d3#0", ["d3"], "generated")]
+
+
+def test_generated_and_judged_queries_mine_into_one_set_tagged_by_source(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
+    """mine.generated + mine.qrels: one train.jsonl, each row's `source` saying which input it came from
+    (the few-label recipe's stages pick by it); a query id in both inputs is an error naming the file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_rows(run / "queries.jsonl", [{"doc_id": "d5", "sample": 0, "query": "protein folding question", "kept": True}])
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", generated=True))
+    summary = json.loads((run / "mine_summary.json").read_text())
+    rows = check_train_set(run / "train.jsonl", load_qrels(beir / "qrels" / "train.tsv"), 3, summary)
+    sources = Counter(r["source"].split(":")[0] for r in rows)
+    assert sources == {"generated": 1, "qrels": 10} and summary["queries_mined"] == 11
+
+    write_rows(run / "queries.jsonl", [{"doc_id": "d5", "query_id": "q3", "query": "clash", "kept": True}])
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", generated=True))
+    assert exit_info.value.code == 2
+    assert "train.tsv: query id 'q3' is also a generated query's id" in capsys.readouterr().err
+
+
+def test_nothing_to_mine_is_a_config_error(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, generated=False))
+    assert exit_info.value.code == 2
+    assert "'mine.generated' (false) and 'mine.qrels' (empty) leave nothing to mine" in capsys.readouterr().err
 
 
 def test_qrels_naming_a_missing_document_or_query_text_is_counted(tmp_path, tiny_teacher, beir, monkeypatch, capsys):

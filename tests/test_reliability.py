@@ -36,7 +36,7 @@ def recipe(tmp_path, data_dir, model_dir, extra=""):
     path.write_text(f"""run_dir: {tmp_path / 'run'}
 model: {{name_or_path: {model_dir}}}
 data: {{corpus: {data_dir}, eval: [{data_dir}]}}
-mine: {{qrels: train}}
+mine: {{generated: false, qrels: train}}
 train:
   report_to: []
   stages: [{{data: [{data_dir}], num_negatives: 0}}]

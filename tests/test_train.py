@@ -118,3 +118,26 @@ def test_two_cpu_processes(tmp_path, tiny_bert_dir, toy_data):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 process(es)" in out.stdout and "(global): 16 = 8 per device x 2" in out.stdout
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_stage_sources_keep_only_the_named_origins(tmp_path):
+    """stages.*.sources picks rows by their `source`: 'qrels' matches 'qrels:<path>'; none left is an error."""
+    import importlib.util
+    from collections import Counter
+
+    from embed.data import DataError
+    from embed.recipe import StageConfig
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = toy_train_rows(8, negatives=1)
+    for i, row in enumerate(rows):
+        row["source"] = "generated" if i % 2 else "qrels:beir/qrels/train.tsv"
+    data = str(write_jsonl(tmp_path / "train.jsonl", rows))
+    judged = script.load_stage_data(StageConfig(data=[data], sources=["qrels"]), str(tmp_path), Counter())
+    assert [e.query_id for e in judged] == ["q0", "q2", "q4", "q6"]
+    every = script.load_stage_data(StageConfig(data=[data]), str(tmp_path), Counter())
+    assert len(every) == 8
+    with pytest.raises(DataError, match="stage 'stage1': no rows .* from sources \\['cloze'\\]"):
+        script.load_stage_data(StageConfig(data=[data], sources=["cloze"]), str(tmp_path), Counter())

@@ -1,0 +1,97 @@
+"""embed.lexical: the hashed TF-IDF channel appended to the dense embedding."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from embed.config import ConfigError, parse_recipe
+from embed.lexical import LexicalChannel, fit_lexical_channel
+from embed.model import EmbeddingModel
+from tests.conftest import REPO, toy_train_rows, write_jsonl
+
+DOCS = ["the zebrafish heart regenerates after injury", "tax law of the river delta", "zebrafish fins and tax law",
+        "a study of cell division in yeast", "the heart of the matter"]
+
+
+def test_fit_gives_rare_tokens_high_idf_and_special_tokens_none():
+    channel = LexicalChannel.fit([[1, 5, 7], [1, 5], [1, 9]], vocab_size=10, ignore_ids=[0, 1], dim=16, weight=0.5)
+    idf = channel.idf
+    assert idf[0] == idf[1] == 0                       # special tokens never match
+    assert idf[9] == idf[7] > idf[5] > 0               # in one document > in two
+    assert idf[3] == idf.max()                         # never seen: rarest of all
+
+
+def test_concatenation_scores_as_the_weighted_mix_of_both_cosines():
+    torch.manual_seed(0)
+    channel = LexicalChannel(torch.rand(50) + 0.1, dim=64, weight=0.3)
+    ids = torch.randint(0, 50, (6, 12))
+    mask = torch.ones_like(ids)
+    mask[3, 8:] = 0
+    dense = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    both = channel(dense, ids, mask)
+    lexical = channel.lexical(ids, mask)
+    assert both.shape == (6, 8 + 64)
+    assert torch.allclose(both.norm(dim=-1), torch.ones(6), atol=1e-5)
+    assert torch.allclose(both @ both.T, 0.7 * dense @ dense.T + 0.3 * lexical @ lexical.T, atol=1e-5)
+    # a masked token does not count; order does not matter, repetition does (sublinearly)
+    assert torch.allclose(channel.lexical(ids[3:4, :8], mask[3:4, :8]), lexical[3:4], atol=1e-6)
+    assert torch.allclose(channel.lexical(ids[:1].flip(1), mask[:1]), lexical[:1], atol=1e-6)
+
+
+@pytest.mark.parametrize("weight, dim", [(0.0, 8), (1.0, 8), (0.5, 0)])
+def test_out_of_range_settings_are_refused(weight, dim):
+    with pytest.raises(ValueError):
+        LexicalChannel(torch.ones(4), dim=dim, weight=weight)
+
+
+def test_channel_finds_the_document_sharing_a_rare_word_and_survives_save_and_load(tmp_path, tiny_bert_dir):
+    """A random-init dense model ranks at chance; the channel puts the document holding the query's
+    rare word first. Saved, the model loads with the channel in EmbeddingModel and in sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingModel.from_pretrained(str(tiny_bert_dir), query_prompt="zebrafish heart: ")
+    model.lexical = fit_lexical_channel(model, DOCS, dim=256, weight=0.5)
+    docs = model.encode(DOCS, kind="document")
+    queries = model.encode(["regenerates", "yeast division"], kind="query")
+    assert docs.shape[1] == 32 + 256
+    # the query prompt names document 0's words: kept out of lexical matching, it cannot pull queries there
+    assert list((queries @ docs.T).argmax(axis=1)) == [0, 3]
+    as_document = model.encode(["yeast division"], kind="document")  # no document prompt
+    assert np.allclose(queries[1, 32:], as_document[0, 32:], atol=1e-6)
+
+    model.save_pretrained(tmp_path / "m")
+    again = EmbeddingModel.from_pretrained(str(tmp_path / "m"))
+    assert np.allclose(again.encode(DOCS, kind="document"), docs, atol=1e-5)
+    st = SentenceTransformer(str(tmp_path / "m"), device="cpu", trust_remote_code=True)
+    assert st.get_embedding_dimension() == 32 + 256
+    assert np.allclose(st.encode(DOCS), docs, atol=1e-5)
+    assert np.allclose(st.encode(["yeast division"], prompt_name="query"), queries[1:], atol=1e-5)
+
+
+def test_recipe_checks_the_lexical_keys(tmp_path):
+    base = ["--run_dir", str(tmp_path / "r"), "--data.corpus", "x"]
+    with pytest.raises(ConfigError, match="model.lexical_weight"):
+        parse_recipe("train", [*base, "--model.lexical_weight", "1.5"])
+    with pytest.raises(ConfigError, match="needs model.normalize"):
+        parse_recipe("train", [*base, "--model.lexical_weight", "0.5", "--model.normalize", "false"])
+    with pytest.raises(ConfigError, match="needs data.corpus"):
+        parse_recipe("train", ["--run_dir", str(tmp_path / "r"), "--model.lexical_weight", "0.5"])
+
+
+def test_training_with_lexical_weight_saves_the_channel_fitted_on_the_corpus(tmp_path, tiny_bert_dir):
+    corpus = write_jsonl(tmp_path / "beir" / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(DOCS)])
+    data = write_jsonl(tmp_path / "train.jsonl", toy_train_rows(16, negatives=1))
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--run_dir", str(tmp_path / "run"),
+         "--model.name_or_path", str(tiny_bert_dir), "--train.stages.0.data", str(data), "--train.max_steps", "1",
+         "--train.per_device_batch_size", "8", "--train.report_to", "[]", "--data.corpus", str(corpus.parent),
+         "--model.lexical_weight", "0.5", "--model.lexical_dim", "128"],
+        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "PATH": ""},
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lexical channel: IDF over 5 documents" in out.stdout
+    model = EmbeddingModel.from_pretrained(str(tmp_path / "run" / "model"))
+    assert model.lexical is not None and model.lexical.dim == 128 and model.lexical.weight == 0.5
+    assert model.encode(["zebrafish"]).shape == (1, 32 + 128)
