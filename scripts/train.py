@@ -118,6 +118,8 @@ def main():
         from embed.compile import compile_layers
 
         accelerator.print(f"compile: {compile_layers(model.backbone)} layers, torch.compile (inductor)")
+    if cfg.model.lexical_weight and tc.lexical_aware:  # the dense half trains against the mixed score
+        model.lexical = _lexical_channel(cfg, model, accelerator)
     raw_model = model
     accelerator.print(f"model: {cfg.model.name_or_path} | pooling {model.settings.pooling} | "
                       f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
@@ -239,12 +241,8 @@ def main():
             from embed.lora import merge_lora
 
             final.backbone = merge_lora(final.backbone)
-        if cfg.model.lexical_weight:  # embed.lexical: IDF over the domain corpus, fixed after training
-            corpus = load_corpus(cfg.data.corpus)
-            final.lexical = fit_lexical_channel(final, [corpus.doc_text(i) for i in range(len(corpus))],
-                                                cfg.model.lexical_dim, cfg.model.lexical_weight, seed=cfg.seed)
-            accelerator.print(f"lexical channel: IDF over {len(corpus)} documents of {cfg.data.corpus}, "
-                              f"{cfg.model.lexical_dim} buckets, weight {cfg.model.lexical_weight}")
+        if cfg.model.lexical_weight and final.lexical is None:
+            final.lexical = _lexical_channel(cfg, final, accelerator)
         _save_atomically(final, Path(run_dir) / "model")
         elapsed = time.time() - t_start
         summary = {
@@ -347,6 +345,16 @@ def _dev_eval(accelerator, raw_model, cfg, step) -> dict:
         accelerator.log({f"dev/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _lexical_channel(cfg, model, accelerator):
+    """embed.lexical's channel for `model`, IDF over data.corpus (fitted on every process: seconds)."""
+    corpus = load_corpus(cfg.data.corpus)
+    channel = fit_lexical_channel(model, [corpus.doc_text(i) for i in range(len(corpus))],
+                                  cfg.model.lexical_dim, cfg.model.lexical_weight, seed=cfg.seed)
+    accelerator.print(f"lexical channel: IDF over {len(corpus)} documents of {cfg.data.corpus}, "
+                      f"{cfg.model.lexical_dim} buckets, weight {cfg.model.lexical_weight}")
+    return channel
 
 
 def _save_atomically(model, target: Path) -> None:

@@ -81,17 +81,29 @@ def test_recipe_checks_the_lexical_keys(tmp_path):
 
 
 def test_training_with_lexical_weight_saves_the_channel_fitted_on_the_corpus(tmp_path, tiny_bert_dir):
+    """Appended after training by default; with train.lexical_aware fitted first, so the dense half
+    trains against the mixed score and ends with other weights."""
+    from safetensors.numpy import load_file
+
     corpus = write_jsonl(tmp_path / "beir" / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(DOCS)])
     data = write_jsonl(tmp_path / "train.jsonl", toy_train_rows(16, negatives=1))
-    out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--run_dir", str(tmp_path / "run"),
-         "--model.name_or_path", str(tiny_bert_dir), "--train.stages.0.data", str(data), "--train.max_steps", "1",
-         "--train.per_device_batch_size", "8", "--train.report_to", "[]", "--data.corpus", str(corpus.parent),
-         "--model.lexical_weight", "0.5", "--model.lexical_dim", "128"],
-        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "PATH": ""},
-        capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "lexical channel: IDF over 5 documents" in out.stdout
-    model = EmbeddingModel.from_pretrained(str(tmp_path / "run" / "model"))
-    assert model.lexical is not None and model.lexical.dim == 128 and model.lexical.weight == 0.5
-    assert model.encode(["zebrafish"]).shape == (1, 32 + 128)
+    outputs = {}
+    for aware in ("false", "true"):
+        out = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "train.py"), "--run_dir", str(tmp_path / aware),
+             "--model.name_or_path", str(tiny_bert_dir), "--train.stages.0.data", str(data), "--train.max_steps", "2",
+             "--train.per_device_batch_size", "8", "--train.report_to", "[]", "--data.corpus", str(corpus.parent),
+             "--train.stages.0.learning_rate", "1.0e-03", "--model.lexical_weight", "0.5", "--model.lexical_dim", "128",
+             "--train.lexical_aware", aware],
+            env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "PATH": ""},
+            capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        outputs[aware] = out.stdout
+        model = EmbeddingModel.from_pretrained(str(tmp_path / aware / "model"))
+        assert model.lexical is not None and model.lexical.dim == 128 and model.lexical.weight == 0.5
+        assert model.encode(["zebrafish"]).shape == (1, 32 + 128)
+    for aware, stdout in outputs.items():
+        fitted, batch = stdout.index("lexical channel: IDF over 5 documents"), stdout.index("total train batch size")
+        assert (fitted < batch) == (aware == "true")
+    a, b = (load_file(str(tmp_path / aware / "model" / "model.safetensors")) for aware in ("false", "true"))
+    assert not np.allclose(a["embeddings.word_embeddings.weight"], b["embeddings.word_embeddings.weight"])
