@@ -184,7 +184,7 @@ class TrainConfig:
     gradcache_chunk_size: int = opt(0, "GradCache chunk (0 = off): big contrastive batches on small GPUs")
     compile: bool = opt(False, "torch.compile each transformer layer (GPU: +25% training throughput)")
     max_steps: int = opt(0, "cap on total optimizer steps over all stages (0 = none); for smoke runs")
-    lexical_aware: bool = opt(False, "with model.lexical_weight: attach the lexical channel before training, so the dense half is trained against the mixed score and learns what the lexical half misses (false: appended after training)")
+    lexical_aware: bool = opt(True, "with model.lexical_weight: attach the lexical channel before training, so the dense half is trained against the mixed score and learns what the lexical half misses (SciFact dev: 71.51 against 71.35 zero-label, 71.45 against 71.18 few-label); false: appended after training")
     save_steps: int = opt(200, "checkpoint every N steps (and at each stage end)")
     save_total_limit: int = opt(2, "checkpoints kept")
     eval_steps: int = opt(0, "evaluate on data.dev every N steps (0 = only at the end)")

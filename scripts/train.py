@@ -11,6 +11,7 @@ exactly (same batches, same RNG, same optimizer state). The model lands in `run_
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import shutil
@@ -159,7 +160,8 @@ def main():
     if trackers:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("train", config=flat)
-    ckpt = CheckpointManager(Path(run_dir) / "checkpoints", accelerator, keep=tc.save_total_limit)
+    ckpt = CheckpointManager(Path(run_dir) / "checkpoints", accelerator, keep=tc.save_total_limit,
+                             settings=run_settings(cfg))
     resume = ckpt.latest()
     global_step, losses, t_start, samples_seen, loop_seconds = 0, [], time.time(), 0, 0.0
     dev_metrics = {}
@@ -345,6 +347,23 @@ def _dev_eval(accelerator, raw_model, cfg, step) -> dict:
         accelerator.log({f"dev/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def run_settings(cfg) -> dict:
+    """What shapes the training trajectory, flattened: model and training keys (not logging or
+    checkpoint cadence), seed, the corpus, and the content of every stage's data."""
+    cadence = {"save_steps", "save_total_limit", "eval_steps", "logging_steps", "report_to", "dataloader_workers", "max_steps"}
+    settings = {f"model.{k}": v for k, v in _flatten(to_dict(cfg.model)).items()}
+    settings.update({f"train.{k}": v for k, v in _flatten(to_dict(cfg.train)).items() if k not in cadence})
+    settings.update({"seed": cfg.seed, "data.corpus": cfg.data.corpus})
+    for i, stage in enumerate(cfg.train.stages):
+        for j, entry in enumerate(stage.data):
+            path = Path(entry.replace("{run_dir}", cfg.run_dir))
+            if path.is_dir():
+                path = path / "qrels" / f"{stage.split}.tsv"
+            if path.is_file():
+                settings[f"train.stages.{i}.data.{j}.sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return settings
 
 
 def _lexical_channel(cfg, model, accelerator):

@@ -106,6 +106,25 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, tiny_bert_dir, to
     assert json.loads((killed / "train_summary.json").read_text())["steps"] == 60
 
 
+def test_checkpoints_of_other_settings_or_data_are_refused(tmp_path, tiny_bert_dir, toy_data):
+    """A rerun resumes only the run it continues: a changed learning rate or re-mined data is a
+    one-line error naming what changed, not a silent mix of two runs."""
+    run_dir = tmp_path / "run"
+    base = ["--train.max_steps", "2", "--train.save_steps", "1"]
+    out = subprocess.run(train_cmd(tiny_bert_dir, toy_data, run_dir, *base), env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    more = subprocess.run(train_cmd(tiny_bert_dir, toy_data, run_dir, "--train.max_steps", "3"), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0 and "resuming from" in more.stdout  # cadence keys may change
+    changed = subprocess.run(train_cmd(tiny_bert_dir, toy_data, run_dir, *base, "--train.stages.0.learning_rate", "5.0e-04"),
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "was written with other settings (train.stages changed)" in changed.stderr
+    assert "Traceback" not in changed.stderr
+    Path(toy_data).write_text(Path(toy_data).read_text().replace("case 1?", "case one?"))
+    remined = subprocess.run(train_cmd(tiny_bert_dir, toy_data, run_dir, *base), env=ENV, capture_output=True, text=True, timeout=300)
+    assert remined.returncode == 2 and "train.stages.0.data.0.sha256" in remined.stderr
+
+
 @pytest.mark.slow
 def test_two_cpu_processes(tmp_path, tiny_bert_dir, toy_data):
     # accelerate 1.x starts a single process for `--cpu --num_processes 2` without MPI; the
