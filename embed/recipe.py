@@ -58,7 +58,7 @@ class ModelConfig:
     latent_attention: LatentAttentionConfig = opt(LatentAttentionConfig(), "latent-attention pooling sizes")
     lora: LoraConfig = opt(LoraConfig(), "parameter-efficient fine-tuning")
     matryoshka_dims: list[int] = opt([], "train and evaluate at these truncated dimensions too")
-    lexical_weight: float = opt(0.0, "w > 0: append a lexical channel to the saved model (embed.lexical): hashed TF-IDF of its word pieces, IDF fitted on data.corpus after training; cosine = (1 - w) dense + w lexical. SciFact dev (train pairs): MiniLM 65.98, with w = 0.5 70.77")
+    lexical_weight: float = opt(0.0, "w > 0: append a lexical channel to the saved model (embed.lexical): hashed TF-IDF of its word pieces, IDF fitted on data.corpus after training; cosine = (1 - w) dense + w lexical. SciFact dev (train pairs): MiniLM 66.02, with 16,384 buckets at w = 0.6 71.71")
     lexical_dim: int = opt(4096, "hashed buckets of the lexical channel (its share of the embedding's dimensions)")
 
 
