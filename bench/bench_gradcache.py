@@ -27,7 +27,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from embed.loss import GradCache, InfoNCELoss  # noqa: E402
+from embed.training.loss import GradCache, InfoNCELoss
 
 VOCAB = 1000
 

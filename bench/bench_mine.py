@@ -100,8 +100,14 @@ def child_st(args) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from embed.data import TrainExample, load_corpus, load_qrels, load_queries, write_train_set
-    from embed.paths import resolve_model
+    from embed.data import (
+        TrainExample,
+        load_corpus,
+        load_qrels,
+        load_queries,
+        write_train_set,
+    )
+    from embed.runtime import resolve_model
 
     clock = Clock()
     corpus = load_corpus(args.data)
@@ -129,7 +135,8 @@ def child_st(args) -> dict:
 
 def judged_positive_leaks(train_jsonl: Path, data: str) -> dict:
     """Negatives that are judged positives of their query (by query text), and copies of a positive's text."""
-    from embed.data import load_qrels, load_queries, read_jsonl
+    from embed.data import load_qrels, load_queries
+    from embed.io import read_jsonl
 
     queries = load_queries(data)
     judged_by_text: dict[str, set] = {}
@@ -163,9 +170,10 @@ def child_scale(args) -> dict:
     """Mine 1,000 queries against the memmapped corpus: flat FAISS search + the positive-aware rules."""
     import numpy as np
 
-    from embed.dense_index import DenseIndex
-    from embed.mining import MiningQuery, NegativeMiner
-    from embed.negative_filters import NegativeRules
+    from embed.mining.inputs import MiningQuery
+    from embed.mining.miner import NegativeMiner
+    from embed.mining.negative_filters import NegativeRules
+    from embed.retrieval.dense_index import DenseIndex
 
     emb = np.load(Path(args.workdir) / "scale.npy", mmap_mode="r")
     rng = np.random.default_rng(1)
@@ -256,7 +264,7 @@ def reused_mined_sets(args) -> dict:
 def bench_scifact(args) -> dict:
     import torch
 
-    from embed.hardware import cpu_has_native_bf16, encode_autocast
+    from embed.runtime import cpu_has_native_bf16, encode_autocast
 
     ours, st, st_bf16 = [], [], []
     for i in range(args.repeats):  # alternate, so drifting machine load hits both alike

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from embed.hardware import choose_precision, cpu_has_native_bf16  # noqa: E402
+from embed.runtime import choose_precision, cpu_has_native_bf16  # noqa: E402
 
 
 def build_training_set(data_dir: str, out: Path) -> Path:

@@ -37,7 +37,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from embed.data import write_json_atomic  # noqa: E402
+from embed.io import write_json_atomic  # noqa: E402
 
 
 @dataclass(frozen=True)

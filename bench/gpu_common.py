@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))  # `embed` without installation, as on the bare GP
 
 import torch  # noqa: E402
 
-from embed.data import write_json_atomic  # noqa: E402
+from embed.io import write_json_atomic  # noqa: E402
 
 # ---------------------------------------------------------------- shapes (random init: no weights travel)
 BGE_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -115,7 +115,7 @@ def random_features(rows: int, length: int, vocab: int, device: torch.device) ->
 
 def contrastive_batch(queries: int, group: int, query_len: int, doc_len: int, vocab: int, device: torch.device):
     """(query features [B], doc features [B*G] query-major, doc_keys [B, G], query_pos_keys [B, 0]):
-    the inputs of embed.loss.InfoNCELoss / GradCache, every document distinct."""
+    the inputs of embed.training.loss.InfoNCELoss / GradCache, every document distinct."""
     query_features = random_features(queries, query_len, vocab, device)
     doc_features = random_features(queries * group, doc_len, vocab, device)
     doc_keys = torch.arange(queries * group, device=device).view(queries, group)

@@ -1,18 +1,18 @@
 """(c) The decoder path on a Llama-3.2-1B-shaped random-init backbone: bidirectional attention on
 the GPU's attention kernels, then training steps with LoRA + latent-attention pooling + GradCache.
 
-bidirectional  embed.bidirectional.make_bidirectional on a 2-layer model of the 1B shape, with
+bidirectional  embed.modeling.bidirectional.make_bidirectional on a 2-layer model of the 1B shape, with
                sdpa (flash kernel without padding, memory-efficient with right padding, the
                default with left padding) and eager attention: changing a row's last real token
                must move its first token's hidden state after the patch, and must not before.
 lora           the recipes' path (recipes/nemotron-1b-*.yaml): bf16 frozen backbone made
-               bidirectional, embed.lora.apply_lora r16 on attention+MLP, gradient checkpointing,
-               embed.latent_attention pooling (512 latents, 8 x 64 heads, fp32), MatryoshkaLoss
+               bidirectional, embed.modeling.peft.apply_lora r16 on attention+MLP, gradient checkpointing,
+               embed.modeling.latent_attention pooling (512 latents, 8 x 64 heads, fp32), MatryoshkaLoss
                over InfoNCE (temperature 0.02), GradCache in chunks of 32 sequences, fused AdamW.
                Batch 128 queries of 64 tokens, each with 1 positive + 1 hard negative of 256
                tokens. Seconds per step and peak allocated memory (T4 budget: 14 GB). A chunk of
                32 x 256 tokens holds as many tokens as the T4 recipe's 16 x 512.
-qlora          the same on a 4-bit NF4 backbone (embed.lora.load_in_4bit), when bitsandbytes is
+qlora          the same on a 4-bit NF4 backbone (embed.modeling.peft.load_in_4bit), when bitsandbytes is
                importable; skipped with the reason otherwise.
 
     python bench/gpu_decoder.py --result c.json --seconds 100 [--dry]    # normally via gpu_check.sh
@@ -24,9 +24,20 @@ import importlib.util
 import tempfile
 
 import torch
-
-from gpu_common import (LLAMA_1B, TINY_LLAMA, Part, adamw, all_finite, autocast, contrastive_batch, part_main,
-                        free_memory, peak_memory, reset_peak_memory, time_steps)
+from gpu_common import (
+    LLAMA_1B,
+    TINY_LLAMA,
+    Part,
+    adamw,
+    all_finite,
+    autocast,
+    contrastive_batch,
+    free_memory,
+    part_main,
+    peak_memory,
+    reset_peak_memory,
+    time_steps,
+)
 
 FULL = dict(shape=LLAMA_1B, queries=128, group=2, query_len=64, doc_len=256, chunk=32, warmup=1, steps=3,
             head=dict(num_latents=512, num_heads=8, head_dim=64), matryoshka=[384, 512, 768, 1024, 2048])
@@ -73,13 +84,14 @@ def sdpa_kernel(name: str, device: torch.device):
     """Force one SDPA kernel on CUDA: flash (no mask) or memory-efficient (with a mask)."""
     if device.type != "cuda" or name == "default":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel as force
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as force
 
     return force({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
 
 
 def check_bidirectional(part: Part, shape: dict) -> dict:
-    from embed.bidirectional import make_bidirectional
+    from embed.modeling.bidirectional import make_bidirectional
 
     device = part.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -108,10 +120,14 @@ def check_bidirectional(part: Part, shape: dict) -> dict:
 # ---------------------------------------------------------------- LoRA / QLoRA training steps
 def decoder_embedding_model(backbone, sizes: dict, device: torch.device):
     """Bidirectional backbone + LoRA adapters + checkpointing + an fp32 latent-attention head."""
-    from embed.bidirectional import make_bidirectional
-    from embed.lora import apply_lora, enable_gradient_checkpointing
-    from embed.model import EmbeddingModel, EncoderSettings
-    from embed.pooling import build_pooling
+    from embed.modeling.bidirectional import make_bidirectional
+    from embed.modeling.model import (
+        EmbeddingModel,
+        EncoderSettings,
+        enable_gradient_checkpointing,
+    )
+    from embed.modeling.peft import apply_lora
+    from embed.modeling.pooling import build_pooling
 
     make_bidirectional(backbone)
     backbone = apply_lora(backbone, r=16, alpha=32, dropout=0.1, target="attention+mlp")
@@ -122,7 +138,7 @@ def decoder_embedding_model(backbone, sizes: dict, device: torch.device):
 
 
 def lora_steps(part: Part, sizes: dict, backbone) -> dict:
-    from embed.loss import GradCache, InfoNCELoss, MatryoshkaLoss
+    from embed.training.loss import GradCache, InfoNCELoss, MatryoshkaLoss
 
     device, queries, group = part.device, sizes["queries"], sizes["group"]
     model = decoder_embedding_model(backbone, sizes, device)
@@ -176,7 +192,7 @@ def lora_run(part: Part, sizes: dict) -> dict:
 
 def qlora_run(part: Part, sizes: dict) -> dict:
     """The 4-bit backbone loads from a folder (bitsandbytes quantises at load): save the random one first."""
-    from embed.lora import load_in_4bit
+    from embed.modeling.peft import load_in_4bit
 
     with tempfile.TemporaryDirectory() as folder:
         llama(sizes["shape"], "sdpa", part.device, torch.bfloat16).save_pretrained(folder)

@@ -6,7 +6,7 @@ The step is train.py's: the forward runs under fp16 autocast and returns fp32 em
 accelerate's fp16 mode does to `model.forward`), the loss is scaled before each backward,
 gradients are unscaled and clipped to norm 1 before the scaler's step. Global batch 128 queries,
 each with 1 positive and 1 hard negative, every sequence 256 tokens. Two runs on fresh models:
-  gradcache           embed.loss.GradCache in chunks of 32 sequences + checkpointing, N steps on
+  gradcache           embed.training.loss.GradCache in chunks of 32 sequences + checkpointing, N steps on
                       one fixed batch: every loss finite; the unscaled gradients finite on every
                       step the scaler applied (it skips, and halves its scale, on an overflow);
                       the loss trajectory; peak allocated memory;
@@ -22,9 +22,19 @@ import statistics
 import time
 
 import torch
-
-from gpu_common import (BGE_BASE, TINY_BERT, Part, adamw, all_finite, autocast, contrastive_batch, part_main,
-                        peak_memory, reset_peak_memory, synchronize)
+from gpu_common import (
+    BGE_BASE,
+    TINY_BERT,
+    Part,
+    adamw,
+    all_finite,
+    autocast,
+    contrastive_batch,
+    part_main,
+    peak_memory,
+    reset_peak_memory,
+    synchronize,
+)
 from gpu_throughput import bert_embedding_model
 
 FULL = dict(shape=BGE_BASE, queries=128, group=2, seq=256, chunk=32, steps=20)
@@ -34,8 +44,8 @@ TEMPERATURE = 0.02
 
 
 def fp16_steps(part: Part, sizes: dict, gradcache: bool, steps: int) -> dict:
-    from embed.lora import enable_gradient_checkpointing
-    from embed.loss import GradCache, InfoNCELoss
+    from embed.modeling.model import enable_gradient_checkpointing
+    from embed.training.loss import GradCache, InfoNCELoss
 
     device, shape, queries, group = part.device, sizes["shape"], sizes["queries"], sizes["group"]
     model = bert_embedding_model(shape, device, torch.float32)

@@ -3,7 +3,7 @@
 torch  in query chunks: one fp16 matmul against the whole corpus, a shortlist of the 128 best by
        those fp16-rounded scores, the shortlist rescored in fp32 and cut to 100, so the scores and
        the order are those of fp32 arithmetic on the stored fp16 vectors.
-faiss  embed.dense_index.DenseIndex (flat, `faiss.knn_gpu` in blocks) when faiss is importable with
+faiss  embed.retrieval.dense_index.DenseIndex (flat, `faiss.knn_gpu` in blocks) when faiss is importable with
        GPU support (on a CPU dry run, its CPU path); skipped with the reason otherwise.
 Both are checked against a brute-force fp32 reference on a sample of queries (recall@100).
 Vectors are random unit vectors: the speed of exact search does not depend on the values.
@@ -18,7 +18,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from gpu_common import Part, part_main, synchronize
 
 FULL = dict(docs=1_000_000, dim=768, queries=10_000, k=100, shortlist=128, query_chunk=2048, reference_queries=256,
@@ -98,7 +97,7 @@ def run(part: Part) -> None:
     if importlib.util.find_spec("faiss") is None:
         part.put("faiss", {"skipped": "faiss is not importable here"})
     else:
-        from embed.dense_index import DenseIndex, num_gpus
+        from embed.retrieval.dense_index import DenseIndex, num_gpus
 
         if device.type == "cuda" and num_gpus() == 0:
             part.put("faiss", {"skipped": "faiss is importable but built without GPU support (faiss-cpu)"})
@@ -110,7 +109,7 @@ def run(part: Part) -> None:
                 found = torch.from_numpy(indices[:len(sample)]).to(device)
                 return {"queries_per_s": round(sizes["queries"] / seconds, 1), "seconds": round(seconds, 4),
                         "recall_at_k_vs_fp32": recall(found, reference),
-                        "settings": {"index": "flat", "gpu": num_gpus() > 0, "via": "embed.dense_index.DenseIndex"}}
+                        "settings": {"index": "flat", "gpu": num_gpus() > 0, "via": "embed.retrieval.dense_index.DenseIndex"}}
 
             part.attempt("faiss", faiss_run)
     for method in ("torch", "faiss"):

@@ -1,7 +1,7 @@
 """(a) bf16 training throughput and MFU of a bge-base-shaped encoder at sequence length 256.
 
-One training step is the project's own: embed.model.EmbeddingModel (random-init BERT-base, mean
-pooling, normalised) encodes 128 queries and 128 documents of 256 tokens, embed.loss.InfoNCELoss
+One training step is the project's own: embed.modeling.model.EmbeddingModel (random-init BERT-base, mean
+pooling, normalised) encodes 128 queries and 128 documents of 256 tokens, embed.training.loss.InfoNCELoss
 (temperature 0.02, in-batch negatives) scores them, backward, fused AdamW. Variants, each on a
 fresh model: eager with bf16 autocast over fp32 weights; the same with every transformer layer
 torch.compile'd (inductor's default mode: no CUDA graphs); compiled with bf16 weights.
@@ -20,9 +20,19 @@ import statistics
 import time
 
 import torch
-
-from gpu_common import (BGE_BASE, TINY_BERT, Part, adamw, all_finite, autocast, contrastive_batch, part_main,
-                        peak_memory, reset_peak_memory, time_steps)
+from gpu_common import (
+    BGE_BASE,
+    TINY_BERT,
+    Part,
+    adamw,
+    all_finite,
+    autocast,
+    contrastive_batch,
+    part_main,
+    peak_memory,
+    reset_peak_memory,
+    time_steps,
+)
 
 FLOPS_FORMULA = ("model FLOPs per sequence of S tokens, forward+backward = 6*N*S + 12*L*H*S^2; N = parameters "
                  "of the L transformer layers (embeddings excluded), H = hidden size; recomputation not counted")
@@ -56,8 +66,8 @@ def bert_embedding_model(shape: dict, device: torch.device, dtype: torch.dtype =
     """EmbeddingModel over a random-init BERT (sdpa attention, no pooler: it never reaches the embedding)."""
     from transformers import BertConfig, BertModel
 
-    from embed.model import EmbeddingModel, EncoderSettings
-    from embed.pooling import build_pooling
+    from embed.modeling.model import EmbeddingModel, EncoderSettings
+    from embed.modeling.pooling import build_pooling
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -93,7 +103,7 @@ def matmul_ceiling(device: torch.device, size: int, repeats: int = 10) -> dict:
 
 
 def measure_variant(part: Part, sizes: dict, variant: str, ceiling_tflops: float, datasheet: float | None) -> dict:
-    from embed.loss import InfoNCELoss
+    from embed.training.loss import InfoNCELoss
 
     compiled, weight_dtype, dropout = VARIANTS[variant]
     device, shape, queries, seq = part.device, sizes["shape"], sizes["queries"], sizes["seq"]

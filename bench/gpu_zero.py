@@ -16,9 +16,17 @@ import statistics
 import time
 
 import torch
-
-from gpu_common import (BGE_BASE, TINY_BERT, Part, all_finite, contrastive_batch, part_main, peak_memory,
-                        reset_peak_memory, synchronize)
+from gpu_common import (
+    BGE_BASE,
+    TINY_BERT,
+    Part,
+    all_finite,
+    contrastive_batch,
+    part_main,
+    peak_memory,
+    reset_peak_memory,
+    synchronize,
+)
 from gpu_throughput import bert_embedding_model
 
 FULL = dict(shape=BGE_BASE, queries=32, seq=256, steps=4)
@@ -29,7 +37,7 @@ def zero2_steps(part: Part, sizes: dict) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
-    from embed.loss import InfoNCELoss
+    from embed.training.loss import InfoNCELoss
 
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():

@@ -4,21 +4,20 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from embed.config import ConfigError
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from embed.data import DataError
-    from embed.model import ModelLoadError
-    from embed.paths import MissingPackageError
-
-    return ConfigError, DataError, MissingPackageError, ModelLoadError
+from embed.errors import USER_ERRORS
 
 
 def run_main(main: Callable[[], object]) -> None:
     """Call `main`; print `error: <message>` and exit 2 on a user error (bad recipe, data, path)."""
     try:
         main()
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+Log = Callable[[str], None]  # where a long job reports progress: print on the main process, a no-op elsewhere
+
+
+def log_line(msg: str) -> None:
+    print(msg, flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import types
 import typing
@@ -20,9 +21,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in a recipe or on the command line; scripts print it as one line."""
+from embed.errors import ConfigError
+from embed.io import write_text_atomic
+from embed.recipe import Recipe
 
 
 # ---------------------------------------------------------------- type checking
@@ -112,15 +113,38 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a nested dict, rejecting unknown keys by their dotted name."""
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        if key not in hints:
+            raise unknown_key(cls, prefix, str(key))
         kwargs[key] = coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
+
+
+def _item_class(tp) -> Any:
+    """The dataclass of a list's items (`list[StageConfig]` -> StageConfig), else None."""
+    _, tp = _is_optional(tp)
+    if get_origin(tp) is list and dataclasses.is_dataclass(get_args(tp)[0]):
+        return get_args(tp)[0]
+    return None
+
+
+def unknown_key(cls, prefix: str, key: str) -> ConfigError:
+    """The error for `prefix + key`, which dataclass `cls` lacks, with the key the user probably meant.
+
+    A key that exists on the items of a list (`train.learning_rate` is per stage) is named with its
+    index syntax, `train.stages.N.learning_rate`; otherwise the closest spelling, if any.
+    """
+    hints = _hints(cls)
+    lists = [prefix + name for name, tp in hints.items()
+             if _item_class(tp) is not None and key in _hints(_item_class(tp))]
+    if lists:
+        per_item = " or ".join(f"'{name}.N.{key}'" for name in lists)
+        return ConfigError(f"unknown key '{prefix}{key}': it is set per item of '{lists[0]}', as {per_item} "
+                           f"with N the item's index from 0 (the first: --{lists[0]}.0.{key})")
+    close = difflib.get_close_matches(key, list(hints), n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{prefix}{key}'{hint}")
 
 
 def to_dict(obj) -> Any:
@@ -143,10 +167,7 @@ def _type_at(schema, parts: list[str]) -> Any:
         if dataclasses.is_dataclass(tp):
             hints = _hints(tp)
             if part not in hints:
-                names = list(hints)
-                close = difflib.get_close_matches(part, names, n=1)
-                hint = f" (did you mean '{'.'.join(walked[:-1] + [close[0]])}'?)" if close else ""
-                raise ConfigError(f"unknown key '{'.'.join(walked)}'{hint}")
+                raise unknown_key(tp, "".join(w + "." for w in walked[:-1]), part)
             tp = hints[part]
         elif get_origin(tp) is list and part.isdigit():
             tp = get_args(tp)[0]
@@ -273,7 +294,10 @@ def build_config(schema, argv: list[str]):
 
 
 def format_help(schema, prog: str, description: str) -> str:
-    lines = [f"usage: {prog} RECIPE.yaml [--key value ...]", "", description.strip(), "", "keys (default):"]
+    lines = [f"usage: {prog} RECIPE.yaml [--key value ...]", "", description.strip(), "",
+             "Nested keys take dots (--train.temperature 0.05); items of a list take their index, from 0",
+             "(--train.stages.0.learning_rate 1.0e-05 sets the first stage's; .N. below stands for the index).",
+             "", "keys (default):"]
 
     def walk(cls, prefix):
         for f in dataclasses.fields(cls):
@@ -287,6 +311,8 @@ def format_help(schema, prog: str, description: str) -> str:
             shown = shown.removesuffix("\n...").removesuffix("...").strip()
             doc = f.metadata.get("help", "")
             lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}) = {shown}" + (f"\n      {doc}" if doc else ""))
+            if _item_class(tp) is not None:
+                walk(_item_class(tp), prefix + f.name + ".N.")
 
     walk(schema, "")
     return "\n".join(lines)
@@ -294,23 +320,68 @@ def format_help(schema, prog: str, description: str) -> str:
 
 def save_config(config, path: str | os.PathLike) -> None:
     """Write the merged config atomically, so a run folder always says what it ran with."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _names_a_local_path(spec: str) -> bool:
+    """What the data loaders read as a file or folder: a path with a separator, `./...`, or `*.jsonl`.
+    A spec with a scheme (`builtin:...`) or a bare name (an HF dataset id) is resolved by them."""
+    if re.match(r"[A-Za-z][\w+.-]*:", spec):
+        return False
+    return os.sep in spec or "/" in spec or spec.startswith(".") or spec.endswith(".jsonl")
+
+
+def check_paths(config: Recipe) -> None:
+    """A data path that does not exist is an error now, before run_dir is created or a model loads."""
+    spec = config.data.corpus
+    if spec and _names_a_local_path(spec) and not Path(spec).exists():
+        raise ConfigError(f"key 'data.corpus': {spec} does not exist (a BEIR folder, its corpus.jsonl, "
+                          "builtin:<name> or an HF dataset id)")
+
+
+def load_recipe(argv: list[str]) -> Recipe:
+    """The validated config for `RECIPE.yaml [--key value ...]`, with nothing written."""
+    config = build_config(Recipe, argv)
+    config.validate()
+    check_paths(config)
+    return config
 
 
 def parse_recipe(stage: str, argv: list[str] | None = None, description: str = ""):
-    """Parse `RECIPE.yaml [--key value ...]` for `stage`, create run_dir, save `<stage>_config.yaml`."""
-    from embed.recipe import Recipe
-
+    """Parse `RECIPE.yaml [--key value ...]` for `stage`; once it is valid, create run_dir and save
+    `<stage>_config.yaml` (a mistake leaves no run folder behind)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(format_help(Recipe, os.path.basename(sys.argv[0]), description or f"{stage} stage"))
         raise SystemExit(0)
-    config = build_config(Recipe, argv)
-    config.validate()
+    config = load_recipe(argv)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, Path(config.run_dir) / f"{stage}_config.yaml")
     return config
+
+
+def pipeline_stages(config) -> list[str]:
+    """The stages a recipe's pipeline runs: mining when a training stage reads its train.jsonl (or it
+    chooses the lexical weight), generation when mining reads generated queries; training, evaluation."""
+    mined = str(Path(config.run_dir) / "train.jsonl")
+    reads_mined = any(entry.replace("{run_dir}", config.run_dir) == mined
+                      for stage in config.train.stages for entry in stage.data)
+    mine = reads_mined or config.model.lexical_weight_rule == "generated"
+    return [*(["gen"] if mine and config.mine.generated else []), *(["mine"] if mine else []), "train", "eval"]
+
+
+def check_main() -> None:
+    """`python -m embed.config RECIPE.yaml [--key value ...]`: check a recipe and its overrides for every
+    stage at once and write nothing; pipeline.sh runs it before its first stage."""
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print(format_help(Recipe, "python -m embed.config", "Check a recipe and its overrides; write nothing."))
+        return
+    config = load_recipe(sys.argv[1:])
+    print(f"recipe ok: run_dir {config.run_dir}")
+    print("stages: " + " ".join(pipeline_stages(config)))
+
+
+if __name__ == "__main__":
+    from embed.cli import run_main
+
+    run_main(check_main)

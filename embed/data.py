@@ -8,133 +8,22 @@ leaves a half file that looks whole.
 from __future__ import annotations
 
 import csv
-import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the field."""
-
-
-# ---------------------------------------------------------------- low-level IO
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; raise DataError on bad bytes or JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
-
-
-def _atomic_writer(path: Path):
-    """A uniquely named temp file beside `path` (two writers never share one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    return os.fdopen(fd, "w", encoding="utf-8"), tmp
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON via temp file + fsync + rename: readers see the old or the new file, never half."""
-    f, tmp = _atomic_writer(Path(path))
-    with f:
-        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    f, tmp = _atomic_writer(Path(path))
-    n = 0
-    with f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return n
-
-
-class JsonlAppender:
-    """Append-only JSONL output that a rerun resumes: no duplicates, no gaps.
-
-    On open, complete lines are read back and their keys collected in `done`; a torn last
-    line (the process was killed mid-write) is cut off. `write` flushes and fsyncs, so
-    whatever `done` reports after a crash really is on disk.
-    """
-
-    def __init__(self, path: str | os.PathLike, key_fn: Callable[[dict], Any]):
-        self.path = Path(path)
-        self.key_fn = key_fn
-        self.done: set = set()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_and_index()
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def _repair_and_index(self) -> None:
-        if not self.path.exists():
-            return
-        good_bytes = 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break  # torn tail
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    break  # torn or corrupt tail: keep what precedes it
-                self.done.add(self.key_fn(row))
-                good_bytes += len(raw)
-        if good_bytes != self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good_bytes)
-
-    def write(self, rows: Iterable[dict]) -> int:
-        n = 0
-        for row in rows:
-            key = self.key_fn(row)
-            if key in self.done:
-                continue
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self.done.add(key)
-            n += 1
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        return n
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+from embed import datasets
+from embed.errors import DataError
+from embed.io import read_jsonl, write_jsonl_atomic
 
 
 # ---------------------------------------------------------------- BEIR / HF inputs
 @dataclass
 class Corpus:
-    """Documents in file order. `skipped` counts lines dropped (e.g. empty text) by reason."""
+    """Documents in file order. `skipped` counts lines by reason: dropped, or for empty documents
+    read with `keep_empty=True`, kept but counted."""
 
     ids: list[str]
     titles: list[str]
@@ -153,24 +42,9 @@ class Corpus:
         return f"{self.titles[i]} {self.texts[i]}".strip()
 
 
-def _resolve_builtin(spec: str) -> str:
-    """`builtin:stdlib-code/<part>`: the embedded demo domain, built on first use."""
-    name = spec.removeprefix("builtin:")
-    dataset, _, part = name.partition("/")
-    if dataset != "stdlib-code":
-        raise DataError(f"unknown built-in dataset '{spec}' (known: builtin:stdlib-code/train, builtin:stdlib-code/test)")
-    from embed.demo_corpus import default_build_dir, build_stdlib_code_search
-
-    out = default_build_dir()
-    build_stdlib_code_search(out)
-    return str(Path(out) / (part or "test"))
-
-
 def resolve_data_path(spec: str) -> str:
     """A BEIR folder or file path, `builtin:...`, or an HF dataset id (returned unchanged)."""
-    if spec.startswith("builtin:"):
-        return _resolve_builtin(spec)
-    return spec
+    return datasets.resolve(spec) if datasets.is_builtin(spec) else spec
 
 
 def _str_field(path, line_no, obj, key, required: bool) -> str:
@@ -198,8 +72,13 @@ def _hf_split(spec: str, config: str):
     return ds[next(iter(ds))]
 
 
-def load_corpus(spec: str) -> Corpus:
-    """Read a BEIR `corpus.jsonl` (folder or file), `builtin:...`, or an HF dataset id's `corpus` config."""
+def load_corpus(spec: str, keep_empty: bool = False) -> Corpus:
+    """Read a BEIR `corpus.jsonl` (folder or file), `builtin:...`, or an HF dataset id's `corpus` config.
+
+    Documents with empty title and text are skipped and counted in `skipped["empty_text"]`: nothing
+    can be generated for or mined from them. Evaluation passes `keep_empty=True` (they are still
+    counted): qrels may judge an empty document relevant, and MTEB ranks it like any other document.
+    """
     spec = resolve_data_path(spec)
     path = Path(spec)
     if path.is_dir():
@@ -220,7 +99,8 @@ def load_corpus(spec: str) -> Corpus:
         first_seen[doc_id] = line_no
         if not (title.strip() or text.strip()):
             skipped["empty_text"] += 1
-            continue
+            if not keep_empty:
+                continue
         ids.append(doc_id)
         titles.append(title)
         texts.append(text)
@@ -316,6 +196,11 @@ class TrainExample:
         return asdict(self)
 
 
+def source_kind(source: str | None) -> str:
+    """A train.jsonl row's kind from its `source`: 'generated', 'cloze', or 'qrels' for 'qrels:<path>'."""
+    return (source or "").split(":", 1)[0]
+
+
 _LIST_FIELDS = ("pos_ids", "pos_texts", "neg_ids", "neg_texts")
 
 
@@ -339,6 +224,9 @@ def parse_train_row(path, line_no: int, obj: dict) -> TrainExample:
         scores = obj.get(key)
         if scores is not None and (not isinstance(scores, list) or len(scores) != len(obj.get(ids, []))):
             raise DataError(f"{path}:{line_no}: field '{key}' must be a list with one score per id in '{ids}'")
+        if scores is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          and -float("inf") < v < float("inf") for v in scores):
+            raise DataError(f"{path}:{line_no}: field '{key}' must hold finite numbers, got {scores}")
     return TrainExample(**{k: v for k, v in obj.items()})
 
 
@@ -359,23 +247,60 @@ def write_train_set(path: str | os.PathLike, examples: Iterable[TrainExample]) -
     return write_jsonl_atomic(path, (ex.to_row() for ex in examples))
 
 
+@dataclass
+class JudgedQuery:
+    """A judged query: its text and the corpus rows of its relevant documents (score > 0)."""
+
+    query_id: str
+    text: str
+    rows: list[int]
+
+
+def judged_queries(qrels_path: Path, queries_spec: str, corpus: Corpus, skipped: Counter,
+                   log: Callable[[str], None] = print) -> list[JudgedQuery]:
+    """The one reader of judged pairs (training stages and mining): queries without a relevant
+    judgement, without text or whose positives are all missing from the corpus are skipped and
+    counted; a missing positive is counted and named once in a warning."""
+    texts = load_queries(queries_spec or str(Path(qrels_path).parent.parent), skipped=skipped)
+    missing_docs: list[tuple[str, str]] = []
+    out = []
+    for qid, judged in load_qrels(qrels_path).items():
+        positives = [d for d, score in judged.items() if score > 0]
+        if not positives:
+            skipped["query_without_relevant_judgement"] += 1
+            continue
+        rows = []
+        for doc_id in positives:
+            if doc_id in corpus.index:
+                rows.append(corpus.index[doc_id])
+            else:
+                missing_docs.append((qid, doc_id))
+        if not rows:
+            skipped["query_without_positive_in_corpus"] += 1
+            continue
+        if qid not in texts:
+            skipped["query_without_text"] += 1
+            continue
+        out.append(JudgedQuery(qid, texts[qid], rows))
+    if missing_docs:
+        qid, doc_id = missing_docs[0]
+        warn_missing_positives(skipped, log, len(missing_docs), f"{qrels_path}: {{n}} judged positive(s) are not in "
+                               f"the corpus and were skipped (first: query '{qid}', document '{doc_id}')")
+    return out
+
+
+def warn_missing_positives(skipped: Counter, log: Callable[[str], None], n: int, message: str) -> None:
+    """Count `n` positives missing from the corpus and say so once (`message` with `{n}`)."""
+    skipped["positive_not_in_corpus"] += n
+    log("warning: " + message.replace("{n}", str(n)))
+
+
 def pairs_from_beir(folder: str, split: str, skipped: Optional[Counter] = None) -> list[TrainExample]:
     """Training examples straight from judged (query, positive) pairs: no negatives yet."""
     folder = resolve_data_path(folder)
     corpus = load_corpus(folder)
-    queries = load_queries(folder, skipped=skipped)
-    qrels = load_qrels(Path(folder) / "qrels" / f"{split}.tsv", corpus_ids=corpus.ids,
-                       on_unknown="skip", skipped=skipped)
-    examples = []
-    for qid, judged in qrels.items():
-        if qid not in queries:
-            if skipped is not None:
-                skipped["qrels_query_without_text"] += 1
-            continue
-        pos = [d for d, s in judged.items() if s > 0]
-        if not pos:
-            continue
-        examples.append(TrainExample(query=queries[qid], query_id=qid, pos_ids=pos,
-                                     pos_texts=[corpus.doc_text(corpus.index[d]) for d in pos],
-                                     source=f"qrels:{Path(folder) / 'qrels' / f'{split}.tsv'}"))
-    return examples
+    qrels_path = Path(folder) / "qrels" / f"{split}.tsv"
+    judged = judged_queries(qrels_path, folder, corpus, skipped if skipped is not None else Counter())
+    return [TrainExample(query=j.text, query_id=j.query_id, pos_ids=[corpus.ids[r] for r in j.rows],
+                         pos_texts=[corpus.doc_text(r) for r in j.rows], source=f"qrels:{qrels_path}")
+            for j in judged]

@@ -6,10 +6,11 @@ plus `model` and `data`, but every script accepts the whole recipe so one file d
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from embed.config import ConfigError
+from embed.errors import ConfigError
 
 
 def opt(default: Any, help: str = ""):
@@ -51,15 +52,16 @@ class ModelConfig:
     query_prompt: Optional[str] = opt(None, "instruction prefix for queries, saved as the sentence-transformers 'query' prompt (null = the base model's)")
     document_prompt: Optional[str] = opt(None, "prefix for documents, e.g. 'passage: ' (null = the base model's)")
     pool_prompt_tokens: Optional[bool] = opt(None, "false: drop instruction tokens from the pooling mask, as NV-Embed (null = the base model's)")
-    bidirectional: bool = opt(False, "make a decoder LLM attend bidirectionally (embed.bidirectional)")
+    bidirectional: bool = opt(False, "make a decoder LLM attend bidirectionally (embed.modeling.bidirectional)")
     attn_implementation: str = opt("sdpa", "sdpa | eager | flash_attention_2")
     trust_remote_code: bool = opt(False, "run code shipped with a hub model; off unless the recipe says so")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weight dtype at load (keep float32 for fp16 autocast)")
     latent_attention: LatentAttentionConfig = opt(LatentAttentionConfig(), "latent-attention pooling sizes")
     lora: LoraConfig = opt(LoraConfig(), "parameter-efficient fine-tuning")
     matryoshka_dims: list[int] = opt([], "train and evaluate at these truncated dimensions too")
-    lexical_weight: float = opt(0.0, "w > 0: append a lexical channel to the saved model (embed.lexical): hashed TF-IDF of its word pieces, IDF fitted on data.corpus after training; cosine = (1 - w) dense + w lexical. SciFact dev (train pairs): MiniLM 66.02, with 16,384 buckets at w = 0.6 71.71")
+    lexical_weight: float = opt(0.0, "w > 0: add a lexical channel to the model (embed.modeling.lexical): hashed TF-IDF of its word pieces, IDF fitted on data.corpus, appended to the dense embedding so that cosine = (1 - w) dense + w lexical; train.lexical_aware says whether it is attached before or after training")
     lexical_dim: int = opt(4096, "hashed buckets of the lexical channel (its share of the embedding's dimensions)")
+    lexical_weight_rule: Literal["fixed", "generated"] = opt("fixed", "how the lexical channel's weight is set: fixed = model.lexical_weight; generated = chosen by the mining stage from this domain's generated queries (embed.retrieval.channel_weight; 0 = no channel) and read by training from run_dir/mine_summary.json")
 
 
 # ---------------------------------------------------------------- data
@@ -106,7 +108,7 @@ class GenConfig:
     trust_remote_code: bool = opt(False, "run code shipped with a hub generator")
     query_types: list[str] = opt(["claim", "question", "keywords"], "query types, rotated over documents and samples: claim | question | keywords")
     task: str = opt("", "retrieval task shown to the generator ('' = a generic one; 'auto' = brainstormed once by the generator, saved in run_dir/gen_task.json)")
-    prompt_template: str = opt("", "user message template with {task} {document} {query_type} {max_words} ('' = embed.prompts default)")
+    prompt_template: str = opt("", "user message template with {task} {document} {query_type} {max_words} ('' = embed.generation.prompts default)")
     few_shot: bool = opt(True, "show one worked example first (small generators need it)")
     max_doc_words: int = opt(160, "document words shown to the generator (prompt length drives CPU cost)")
     structured_output: bool = opt(True, "vllm/openai: force the JSON answer with a JSON schema")
@@ -135,8 +137,8 @@ class MineConfig:
     num_negatives: int = opt(4, "hard negatives kept per query")
     relative_margin: Optional[float] = opt(0.05, "TopK-PercPos: drop candidates the teacher scores above positive - |positive| x margin (null = off)")
     absolute_margin: Optional[float] = opt(None, "TopK-MarginPos: drop candidates scoring above positive - margin (null = off)")
-    teacher_bm25_weight: float = opt(0.0, "hybrid teacher: score = (1 - w) x teacher cosine + w x BM25 / the query's best BM25; 0 = the dense teacher alone. On SciFact's train pairs (never read by the recipes) w = 0.3 ranks at nDCG@10 73.7 where MiniLM alone gets 66.0 and BM25 69.6")
-    retrievers: list[Literal["dense", "bm25"]] = opt(["dense", "bm25"], "candidate sources, fused by reciprocal rank")
+    teacher_bm25_weight: float = opt(0.0, "hybrid teacher: score = (1 - w) x teacher cosine + w x BM25 / the query's best BM25; 0 = the dense teacher alone")
+    retrievers: list[Literal["dense", "bm25"]] = opt(["dense", "bm25"], "retrievers that propose candidate negatives, fused by reciprocal rank")
     depth: int = opt(100, "candidates retrieved per retriever before fusion and filtering")
     rrf_k: int = opt(60, "reciprocal rank fusion constant k in 1 / (k + rank)")
     rank_min: int = opt(0, "skip the N best-ranked non-positive candidates (a guard against unjudged positives)")
@@ -146,7 +148,7 @@ class MineConfig:
     index_search_params: str = opt("", "faiss search-time parameters of an approximate index, e.g. 'nprobe=32' or 'efSearch=128'")
     batch_size: int = opt(1024, "queries encoded, searched and written per step (the resume granularity)")
     encode_batch_size: int = opt(64, "texts per forward pass when encoding corpus and queries")
-    encode_precision: Literal["auto", "fp32", "bf16"] = opt("auto", "teacher encoding: auto = bf16 autocast where the hardware has native bf16 (sm_80+, AVX512-BF16/AMX CPUs; bench_mine: 150 s vs 282 s fp32-encoding sentence-transformers here), else fp32")
+    encode_precision: Literal["auto", "fp32", "bf16"] = opt("auto", "teacher encoding: auto = bf16 autocast where the hardware has native bf16 (sm_80+ GPUs, AVX512-BF16/AMX CPUs), else fp32")
     cache_dir: str = opt("", "corpus-embedding cache root ('' = $EMBED_CACHE_DIR, else ~/.cache/embed)")
     cache_chunk_size: int = opt(8192, "documents per cached chunk: the unit of encoding resume and of sharding over processes")
 
@@ -175,22 +177,21 @@ class TrainConfig:
     per_device_batch_size: int = opt(32, "queries per process per step; global batch = this x processes")
     temperature: float = opt(0.05, "InfoNCE temperature (0.05 = sentence-transformers' scale 20)")
     distill_temperature: float = opt(0.05, "temperature of the teacher's scores in the distillation term (stages.*.distill_weight)")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "auto: bf16 on sm_80+, fp16 below, fp32 on CPU")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "auto: the accelerate config's mixed_precision if set, else bf16 on sm_80+ GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), fp16 autocast on older GPUs, fp32 on other CPUs")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     warmup_ratio: float = opt(0.1, "fraction of a stage's steps spent warming up")
     scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "decay after warmup")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
     gradcache_chunk_size: int = opt(0, "GradCache chunk (0 = off): big contrastive batches on small GPUs")
-    compile: bool = opt(False, "torch.compile each transformer layer (GPU: +25% training throughput)")
+    compile: bool = opt(False, "torch.compile each transformer layer of the backbone")
     max_steps: int = opt(0, "cap on total optimizer steps over all stages (0 = none); for smoke runs")
-    lexical_aware: bool = opt(True, "with model.lexical_weight: attach the lexical channel before training, so the dense half is trained against the mixed score and learns what the lexical half misses (SciFact dev: 71.51 against 71.35 zero-label, 71.45 against 71.18 few-label); false: appended after training")
+    lexical_aware: bool = opt(True, "with model.lexical_weight: true = attach the lexical channel before training, so the dense half is trained against the mixed score and learns what the lexical half misses; false = append it to the saved model after training")
     save_steps: int = opt(200, "checkpoint every N steps (and at each stage end)")
     save_total_limit: int = opt(2, "checkpoints kept")
     eval_steps: int = opt(0, "evaluate on data.dev every N steps (0 = only at the end)")
     logging_steps: int = opt(10, "log every N steps")
     report_to: list[str] = opt(["tensorboard"], "trackers: tensorboard, wandb")
-    dataloader_workers: int = opt(0, "tokenisation workers")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -220,12 +221,28 @@ class Recipe:
         for i, stage in enumerate(self.train.stages):
             if stage.num_negatives < 0:
                 raise ConfigError(f"key 'train.stages.{i}.num_negatives' must be >= 0")
+            if not stage.in_batch_negatives and stage.num_negatives == 0:
+                raise ConfigError(f"key 'train.stages.{i}.num_negatives' must be >= 1 when in_batch_negatives is "
+                                  f"false: a query that sees only its positive has a loss of 0 and learns nothing")
+            if not (math.isfinite(stage.learning_rate) and stage.learning_rate > 0):
+                raise ConfigError(f"key 'train.stages.{i}.learning_rate' must be a finite number > 0, "
+                                  f"got {stage.learning_rate}")
+            if not (math.isfinite(stage.epochs) and stage.epochs > 0):
+                raise ConfigError(f"key 'train.stages.{i}.epochs' must be a finite number > 0, got {stage.epochs}")
+            if stage.max_steps < 0:
+                raise ConfigError(f"key 'train.stages.{i}.max_steps' must be >= 0, got {stage.max_steps}")
             if stage.distill_weight < 0:
                 raise ConfigError(f"key 'train.stages.{i}.distill_weight' must be >= 0")
             if not stage.data:
                 raise ConfigError(f"key 'train.stages.{i}.data' must name at least one file or folder")
-        if self.model.lexical_weight:
-            if not 0.0 < self.model.lexical_weight < 1.0:
+        dims = self.model.matryoshka_dims
+        if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise ConfigError(f"key 'model.matryoshka_dims' must list distinct dimensions >= 1, got {dims}")
+        if self.model.lexical_weight_rule == "generated" and self.mine.teacher:
+            raise ConfigError("key 'model.lexical_weight_rule: generated' needs mine.teacher: '' (the weight is chosen "
+                              "with the recipe's own model, which mining then encodes the corpus with)")
+        if self.model.lexical_weight or self.model.lexical_weight_rule == "generated":
+            if self.model.lexical_weight and not 0.0 < self.model.lexical_weight < 1.0:
                 raise ConfigError(f"key 'model.lexical_weight' must be 0 (off) or in (0, 1), got {self.model.lexical_weight}")
             if self.model.lexical_dim < 1:
                 raise ConfigError("key 'model.lexical_dim' must be >= 1")
@@ -236,7 +253,15 @@ class Recipe:
                 raise ConfigError("key 'model.lexical_weight' needs data.corpus: the channel's IDF is fitted on it")
         if self.train.per_device_batch_size < 1:
             raise ConfigError("key 'train.per_device_batch_size' must be >= 1")
-        if self.train.temperature <= 0:
-            raise ConfigError("key 'train.temperature' must be > 0")
-        if self.train.distill_temperature <= 0:
-            raise ConfigError("key 'train.distill_temperature' must be > 0")
+        for key in ("temperature", "distill_temperature"):
+            value = getattr(self.train, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"key 'train.{key}' must be a finite number > 0, got {value}")
+        for key, least in (("logging_steps", 1), ("save_total_limit", 1), ("save_steps", 0), ("eval_steps", 0),
+                           ("max_steps", 0), ("gradcache_chunk_size", 0)):
+            if getattr(self.train, key) < least:
+                raise ConfigError(f"key 'train.{key}' must be >= {least}, got {getattr(self.train, key)}")
+        for key in ("weight_decay", "warmup_ratio", "max_grad_norm"):
+            value = getattr(self.train, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"key 'train.{key}' must be a finite number >= 0, got {value}")

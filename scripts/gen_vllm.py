@@ -28,15 +28,35 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from embed.cli import run_main
-from embed.config import ConfigError, parse_recipe
-from embed.cloze_queries import cloze_pairs
-from embed.data import JsonlAppender, load_corpus, read_jsonl, write_json_atomic, write_jsonl_atomic
-from embed.embedding_cache import DEFAULT_CACHE_ROOT, corpus_fingerprint
-from embed.generation import (QueryGenerator, check_resume, log_samples, plan_units, resolve_task, row_key,
-                              summarise)
-from embed.hardware import peak_rss_gb
-from embed.prompts import QUERY_TYPES, PromptBuilder, example_texts
-from embed.query_filters import RANK_DEPTH, BM25RoundTrip, DenseRoundTrip, FilterSettings, QueryFilter
+from embed.config import parse_recipe
+from embed.data import load_corpus
+from embed.errors import ConfigError
+from embed.generation.cloze import cloze_pairs
+from embed.generation.filters import (
+    RANK_DEPTH,
+    BM25RoundTrip,
+    DenseRoundTrip,
+    FilterSettings,
+    QueryFilter,
+)
+from embed.generation.generator import (
+    QueryGenerator,
+    check_resume,
+    log_samples,
+    plan_units,
+    resolve_task,
+    row_key,
+    summarise,
+)
+from embed.generation.prompts import QUERY_TYPES, PromptBuilder, example_texts
+from embed.io import JsonlAppender, read_jsonl, write_json_atomic, write_jsonl_atomic
+from embed.retrieval.embedding_cache import corpus_fingerprint
+from embed.runtime import (
+    cache_dir,
+    peak_rss_gb,
+    progress_bar,
+    quiet_progress_off_terminal,
+)
 
 
 def log(msg: str) -> None:
@@ -70,9 +90,9 @@ def round_trip_retrievers(cfg, corpus, texts, log) -> list:
     if mode in ("bm25", "both", "either"):
         retrievers.append(BM25RoundTrip(texts))
     if mode in ("model", "both", "either"):
-        from embed.embedding_cache import corpus_embeddings, default_cache_root
-        from embed.mining import teacher_cache
-        from embed.model import load_from_config
+        from embed.modeling.model import load_from_config
+        from embed.retrieval.embedding_cache import corpus_embeddings, teacher_cache
+        from embed.runtime import default_cache_root
 
         model = load_from_config(cfg.model)
         cache = teacher_cache(model, cfg.model.name_or_path, cfg.model.dtype, corpus, texts,
@@ -99,6 +119,7 @@ def write_cloze_queries(path: Path, corpus, gen, seed: int) -> int:
 
 def main():
     # ------------------------------------------------------------------ config
+    quiet_progress_off_terminal()
     cfg = parse_recipe("gen", description=__doc__)
     gen, run_dir = cfg.gen, Path(cfg.run_dir)
     check_gen_config(gen)
@@ -129,9 +150,9 @@ def main():
     t = time.perf_counter()
     backend = None
     if todo or (gen.task == "auto" and not (run_dir / "gen_task.json").is_file()):
-        from embed.llm_backends import build_backend
+        from embed.generation.backends import build_backend
 
-        backend = build_backend(gen, cfg.seed, cache_dir=DEFAULT_CACHE_ROOT.parent / "generators", log=log)
+        backend = build_backend(gen, cfg.seed, cache_dir=cache_dir("generators"), log=log)
         log(f"generator: {gen.backend} {gen.model} loaded in {time.perf_counter() - t:.1f}s")
     timings["load_generator"] = time.perf_counter() - t
     builder.task = resolve_task(gen.task, backend, corpus, cfg.seed, run_dir / "gen_task.json", log)
@@ -145,8 +166,8 @@ def main():
                                    seed=cfg.seed, log=log)
         generator.resume(out)
         all_docs = {u.doc_id for u in units}
-        with tqdm(total=len(all_docs), initial=len(all_docs - {u.doc_id for u in todo}), unit="doc",
-                  desc="gen", dynamic_ncols=True) as progress:
+        with progress_bar(len(all_docs), "gen", log, initial=len(all_docs - {u.doc_id for u in todo}),
+                          unit="doc") as progress:
             throughput = generator.run(units, out, progress)
     out.close()
     if backend is not None:

@@ -21,25 +21,45 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from embed.bm25_index import BM25Index
-from embed.cli import run_main
+import numpy as np
+
+from embed.cli import log_line, run_main
 from embed.config import parse_recipe
-from embed.data import DataError, load_corpus, write_json_atomic
-from embed.dense_index import DenseIndex, num_gpus
-from embed.embedding_cache import corpus_embeddings, default_cache_root
-from embed.hardware import encode_autocast, peak_rss_gb
-from embed.mining import (NegativeMiner, ResumableOutput, batched, check_mine_config, encode_by_token_length,
-                          load_mining_queries, load_teacher, log_line, plot_scores, rules_from_config, summarise,
-                          teacher_cache)
+from embed.data import load_corpus
+from embed.errors import DataError
+from embed.io import read_jsonl, write_json_atomic
+from embed.mining.inputs import load_mining_queries, weight_rule_queries
+from embed.mining.miner import (
+    NegativeMiner,
+    check_mine_config,
+    encode_by_token_length,
+    load_teacher,
+    rules_from_config,
+)
+from embed.mining.output import ResumableOutput, batched, plot_margin_scatter, summarise
+from embed.modeling.lexical import fit_lexical_channel
+from embed.retrieval.bm25_index import BM25Index
+from embed.retrieval.channel_weight import choose_channel_weight, lexical_scores
+from embed.retrieval.dense_index import DenseIndex, num_gpus
+from embed.retrieval.embedding_cache import corpus_embeddings, teacher_cache
+from embed.runtime import (
+    default_cache_root,
+    encode_autocast,
+    peak_rss_gb,
+    quiet_progress_off_terminal,
+)
 
 
 def main():
     # ------------------------------------------------------------------ config
     cfg = parse_recipe("mine", description=__doc__)
+    quiet_progress_off_terminal()
     mc, run_dir = cfg.mine, Path(cfg.run_dir)
     check_mine_config(mc)
     import torch
-    from accelerate import PartialState  # after --help: importing accelerate costs a second
+    from accelerate import (
+        PartialState,  # after --help: importing accelerate costs a second
+    )
 
     # cpu=True without CUDA: gloo processes under `accelerate launch --multi_gpu --num_processes N`
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -51,8 +71,8 @@ def main():
     t = time.perf_counter()
     corpus = load_corpus(cfg.data.corpus)
     skipped = Counter({f"corpus_{reason}": n for reason, n in corpus.skipped.items()})
-    queries, sources = load_mining_queries(cfg, corpus, skipped, log)
-    origin = " + ".join(map(str, sources))
+    queries, input_files = load_mining_queries(cfg, corpus, skipped, log)
+    origin = " + ".join(map(str, input_files))
     if not queries:
         raise DataError(f"{origin}: no queries to mine (skipped: {dict(skipped)})")
     texts = [corpus.doc_text(i) for i in range(len(corpus))]
@@ -82,6 +102,14 @@ def main():
     if rank != 0:
         return  # the other ranks only helped encode
 
+    # ------------------------------------------------------------------ lexical channel weight (label-free)
+    weight_choice = None
+    if cfg.model.lexical_weight_rule == "generated":
+        t = time.perf_counter()
+        weight_choice = choose_weight(cfg, teacher, corpus, texts, corpus_emb, encode)
+        timings["lexical_weight_rule"] = time.perf_counter() - t
+        log(f"lexical channel: {weight_choice.reason} | MRR@10 by weight {weight_choice.mrr_at_10}")
+
     # ------------------------------------------------------------------ candidate indexes
     t = time.perf_counter()
     dense = DenseIndex(corpus_emb, mc.index, mc.index_search_params, save_dir=cache.dir) if "dense" in mc.retrievers else None
@@ -90,11 +118,11 @@ def main():
     timings["build_indexes"] = time.perf_counter() - t
     miner = NegativeMiner(corpus_emb, rules_from_config(mc), mc.depth, mc.rrf_k, cfg.seed, dense=dense,
                           bm25=bm25 if "bm25" in mc.retrievers else None, text_of=lambda row: texts[row],
-                          lexical=bm25 if mc.teacher_bm25_weight else None, lexical_weight=mc.teacher_bm25_weight)
+                          lexical=bm25 if mc.teacher_bm25_weight else None, teacher_bm25_weight=mc.teacher_bm25_weight)
 
     # ------------------------------------------------------------------ mining (resumable, batch by batch)
     settings = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("batch_size", "encode_batch_size", "cache_dir", "cache_chunk_size")}
-    inputs = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
+    inputs = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in input_files]
     output = ResumableOutput(run_dir, {"mine": settings, "seed": cfg.seed, "embeddings": cache.key,
                                        "input": inputs[0] if len(inputs) == 1 else inputs}, log)
     todo = [q for q in queries if q.query_id not in output.done]
@@ -115,7 +143,7 @@ def main():
 
     # ------------------------------------------------------------------ outputs
     stats = output.finalise([q.query_id for q in queries])
-    summary, pos_scores, neg_scores = summarise(output.final, stats, mc.num_negatives, skipped)
+    summary = summarise(output.final, stats, mc.num_negatives, skipped)
     timings["total"] = time.perf_counter() - started
     summary.update({
         "input": origin, "corpus": cfg.data.corpus, "corpus_documents": len(corpus), "teacher": teacher_name,
@@ -125,15 +153,30 @@ def main():
         "embedding_cache": {"dir": str(cache.dir), "hit": cache_hit},
         "timings_s": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_gb": peak_rss_gb(),
     })
+    if weight_choice is not None:
+        summary["lexical_channel"] = {**dataclasses.asdict(weight_choice), "dim": cfg.model.lexical_dim,
+                                      "rule": "embed.retrieval.channel_weight (generated queries)"}
     write_json_atomic(run_dir / "mine_summary.json", summary)
     teacher_label = teacher_name + (f" + BM25 x {mc.teacher_bm25_weight}" if mc.teacher_bm25_weight else "")
-    plot_scores(run_dir / "mine_scores.png", pos_scores, neg_scores,
-                f"{teacher_label}: relative margin {'off' if mc.relative_margin is None else mc.relative_margin}, "
+    plot_margin_scatter(run_dir / "mine_scores.png", (row for _, row in read_jsonl(output.final)), rules_from_config(mc),
+                        f"{teacher_label}: relative margin {'off' if mc.relative_margin is None else mc.relative_margin}, "
                 f"absolute margin {'off' if mc.absolute_margin is None else mc.absolute_margin}")
     output.cleanup()
     log(f"wrote {output.final}: {summary['queries_mined']} queries, {summary['negatives_per_query_mean']} negatives "
         f"per query, {summary['queries_short_of_negatives']} short | drops {summary['drops_per_rule']} | "
         f"{timings['total']:.1f}s, peak RSS {summary['peak_rss_gb']} GB")
+
+
+def choose_weight(cfg, model, corpus, texts, corpus_emb, encode):
+    """The lexical channel's weight for this domain from its generated queries (the model is the
+    recipe's own: mine.teacher is '' under this rule)."""
+    queries, rows = weight_rule_queries(Path(cfg.run_dir) / "queries.jsonl", corpus)
+    if not queries:
+        raise DataError(f"{Path(cfg.run_dir) / 'queries.jsonl'}: no generated queries to choose the lexical weight on "
+                        "(model.lexical_weight_rule: generated)")
+    channel = fit_lexical_channel(model, texts, cfg.model.lexical_dim, weight=0.5, seed=cfg.seed)
+    dense = encode(queries, "query").astype(np.float32) @ np.asarray(corpus_emb, dtype=np.float32).T  # [Q, N]
+    return choose_channel_weight(dense, lexical_scores(model, channel, queries, texts), np.asarray(rows))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ def make_tiny_bert(path: Path, seed: int = 0, **settings) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from embed.model import EmbeddingModel, EncoderSettings
-    from embed.paths import resolve_model
-    from embed.pooling import build_pooling
+    from embed.modeling.model import EmbeddingModel, EncoderSettings
+    from embed.modeling.pooling import build_pooling
+    from embed.runtime import resolve_model
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))

@@ -2,8 +2,14 @@
 import random
 from collections import Counter
 
-from embed.batching import collate_keys, epoch_batches, make_group, text_key, usable_examples
 from embed.data import TrainExample
+from embed.training.batching import (
+    collate_keys,
+    epoch_batches,
+    make_group,
+    text_key,
+    usable_examples,
+)
 
 
 def ex(q, p, negs=()):

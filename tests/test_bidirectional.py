@@ -7,11 +7,25 @@ import logging
 
 import pytest
 import torch
-from transformers import (AutoModel, BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM,
-                          LlamaModel, MistralConfig, MistralModel, Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model)
+from transformers import (
+    AutoModel,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralModel,
+    Qwen2Config,
+    Qwen2Model,
+    Qwen3Config,
+    Qwen3Model,
+)
 
-from embed.bidirectional import make_bidirectional
-from embed.config import ConfigError
+from embed.errors import ConfigError
+from embed.modeling.bidirectional import make_bidirectional
 
 VOCAB = 100
 DECODERS = {"llama": (LlamaConfig, LlamaModel), "qwen2": (Qwen2Config, Qwen2Model),
@@ -108,7 +122,7 @@ def test_other_allowed_architectures(kind):
 def test_patching_twice_is_harmless(caplog):
     model = tiny_decoder("llama")
     ids, mask = batch("right")
-    with caplog.at_level(logging.INFO, logger="embed.bidirectional"):
+    with caplog.at_level(logging.INFO, logger="embed.modeling.bidirectional"):
         first = make_bidirectional(model)
     expected = states_at(model, ids, mask, first_real(mask))
     second = make_bidirectional(model)

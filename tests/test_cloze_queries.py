@@ -1,6 +1,6 @@
 """Inverse-cloze pseudo-queries: sentence splitting, the pair rules, determinism."""
-from embed.cloze_queries import cloze_pair, cloze_pairs, split_sentences
 from embed.data import Corpus
+from embed.generation.cloze import cloze_pair, cloze_pairs, split_sentences
 
 TEXT = ("Statins lower LDL cholesterol in most adults. The effect was 1.5 times larger in women than in men. "
         "E.g. the trial enrolled 4,000 patients over ten years. Side effects were rare and mild overall.")

@@ -2,8 +2,10 @@
 import pytest
 import yaml
 
-from embed.config import ConfigError, build_config, parse_recipe
+from embed.config import build_config, parse_recipe
+from embed.errors import ConfigError
 from embed.recipe import Recipe
+from tests.conftest import REPO
 
 
 def write(tmp_path, text):
@@ -82,3 +84,74 @@ def test_help_lists_keys_with_defaults(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--train.per_device_batch_size (int) = 32" in out and "--data.corpus" in out
+
+
+# ---------------------------------------------------------------- per-item keys, help, paths, check command
+@pytest.mark.parametrize("source", ["cli", "yaml"])
+def test_a_per_stage_key_given_for_the_whole_section_names_the_stage_key(tmp_path, source):
+    argv = (["--train.learning_rate", "1e-5"] if source == "cli"
+            else [write(tmp_path, "train:\n  learning_rate: 1.0e-05\n")])
+    with pytest.raises(ConfigError) as e:
+        build_config(Recipe, argv)
+    message = str(e.value)
+    assert "unknown key 'train.learning_rate'" in message
+    assert "'train.stages.N.learning_rate'" in message and "--train.stages.0.learning_rate" in message
+    assert "\n" not in message
+
+
+def test_the_suggested_stage_key_is_accepted():
+    cfg = build_config(Recipe, ["--train.stages.0.learning_rate", "1e-5"])
+    assert cfg.train.stages[0].learning_rate == pytest.approx(1e-5)
+
+
+def test_help_shows_the_list_index_syntax_and_per_stage_keys(capsys):
+    with pytest.raises(SystemExit):
+        parse_recipe("train", ["--help"])
+    out = capsys.readouterr().out
+    assert "--train.stages.0.learning_rate" in out  # the syntax, with an example
+    assert "--train.stages.N.learning_rate (float) = 2.0e-05" in out  # every per-stage key, with its default
+    assert "--train.stages.N.num_negatives (int) = 1" in out
+
+
+def test_a_missing_corpus_fails_before_the_run_folder_exists(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"key 'data.corpus': .*nope does not exist"):
+        parse_recipe("gen", ["--run_dir", str(run_dir), "--data.corpus", str(tmp_path / "nope")])
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match="key 'data.corpus'"):
+        parse_recipe("gen", ["--run_dir", str(run_dir), "--data.corpus", "data/scifactt"])  # relative, no ./
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("spec", ["builtin:stdlib-code/train", "some_hf_dataset", ""])
+def test_specs_the_loaders_resolve_are_not_checked_as_paths(tmp_path, spec):
+    parse_recipe("gen", ["--run_dir", str(tmp_path / "run"), "--data.corpus", spec])
+    assert (tmp_path / "run" / "gen_config.yaml").is_file()
+
+
+def test_check_command_validates_every_stage_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    recipe = write(tmp_path, f"run_dir: {run_dir}\n")
+    ok = subprocess.run([sys.executable, "-m", "embed.config", recipe], capture_output=True, text=True)
+    assert ok.returncode == 0 and "recipe ok" in ok.stdout and not run_dir.exists()
+    bad = subprocess.run([sys.executable, "-m", "embed.config", recipe, "--train.learning_rate", "1e-5"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("error: unknown key")
+
+
+@pytest.mark.parametrize("recipe, stages", [
+    ("scifact-minilm-cpu.yaml", ["gen", "mine", "train", "eval"]),   # trains on the generated queries
+    ("scifact-mine-minilm-cpu.yaml", ["mine", "train", "eval"]),     # mines judged pairs: nothing to generate
+    ("scifact-supervised-cpu.yaml", ["train", "eval"]),              # reads the judged pairs directly
+])
+def test_pipeline_runs_only_the_stages_a_recipe_needs(tmp_path, recipe, stages):
+    from embed.config import load_recipe, pipeline_stages
+
+    if not (REPO.parent / "shared" / "data" / "scifact").is_dir():
+        pytest.skip("the SciFact recipes name ../shared/data/scifact, absent here")
+    config = load_recipe([str(REPO / "recipes" / recipe), "--run_dir", str(tmp_path / "run")])
+    assert pipeline_stages(config) == stages

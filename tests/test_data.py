@@ -4,8 +4,17 @@ from collections import Counter
 
 import pytest
 
-from embed.data import (DataError, JsonlAppender, TrainExample, load_corpus, load_qrels, load_queries,
-                        pairs_from_beir, read_train_set, write_train_set)
+from embed.data import (
+    TrainExample,
+    load_corpus,
+    load_qrels,
+    load_queries,
+    pairs_from_beir,
+    read_train_set,
+    write_train_set,
+)
+from embed.errors import DataError
+from embed.io import JsonlAppender
 
 
 def corpus_file(tmp_path, lines):

@@ -1,5 +1,6 @@
 """Issue 6 end to end: a tiny random Llama, bidirectional + LoRA + latent attention + GradCache +
-Matryoshka through scripts/train.py, then scripts/eval_mteb.py loads and scores what it saved."""
+Matryoshka through scripts/train.py, then scripts/eval_mteb.py loads and scores what it saved, at the
+same Matryoshka dims (the full width included, issue 16)."""
 import json
 import subprocess
 import sys
@@ -16,9 +17,9 @@ TINY_BEIR = REPO / "tests" / "fixtures" / "tiny_beir"
 def make_tiny_llama(path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-    from embed.model import EmbeddingModel, EncoderSettings
-    from embed.paths import resolve_model
-    from embed.pooling import build_pooling
+    from embed.modeling.model import EmbeddingModel, EncoderSettings
+    from embed.modeling.pooling import build_pooling
+    from embed.runtime import resolve_model
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))  # any local tokenizer: ids are ids
@@ -53,11 +54,16 @@ def test_decoder_lora_latent_gradcache_matryoshka_train_and_eval(tmp_path):
     assert json.loads((run_dir / "model" / "config.json").read_text()).get("is_causal") is False
     assert not list((run_dir / "model").glob("adapter_*")), "LoRA must be merged into the saved weights"
 
+    # the same Matryoshka dims as training, the last one the full width (as the nemotron recipes list 2048)
     eval_dir = tmp_path / "eval"
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_mteb.py"), "--model", str(run_dir / "model"),
-                          "--data", str(TINY_BEIR), "--run_dir", str(eval_dir)],
+                          "--data", str(TINY_BEIR), "--run_dir", str(eval_dir), "--model.matryoshka_dims", "[16, 32]"],
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((eval_dir / "eval_summary.json").read_text())
-    scores = list(summary["ndcg_at_10"].values())[0]
+    scores = summary["ndcg_at_10"]["tiny_beir"]
     assert all(0.0 <= v <= 1.0 for v in scores.values())
+    by_dim = summary["matryoshka_main_score"]
+    assert set(by_dim) == {"16", "32"} and summary["embedding_dim"] == {"model": 32}
+    assert by_dim["32"]["tiny_beir"]["model"] == scores["model"]  # the full width is the untruncated embedding
+    assert "| tiny_beir (32d, full) |" in (eval_dir / "eval" / "results.md").read_text()

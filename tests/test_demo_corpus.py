@@ -8,12 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from embed import demo_corpus
 from embed.cli import run_main
-from embed.config import ConfigError
 from embed.data import load_corpus, load_qrels, load_queries, resolve_data_path
-from embed.demo_corpus import (OUTPUT_FILES, SUMMARY_FILE, build_stdlib_code_search, first_sentence,
-                               is_heldout, iter_stdlib_modules, stdlib_dir, strip_docstrings)
+from embed.datasets import stdlib_code as demo_corpus
+from embed.datasets.stdlib_code import (
+    OUTPUT_FILES,
+    SUMMARY_FILE,
+    build_stdlib_code_search,
+    first_sentence,
+    is_heldout,
+    iter_stdlib_modules,
+    stdlib_dir,
+    strip_docstrings,
+)
+from embed.errors import ConfigError
 
 ALL_FILES = OUTPUT_FILES + (SUMMARY_FILE,)
 

@@ -9,12 +9,16 @@ import importlib.util
 import sys
 
 import pytest
-
 from conftest import REPO
-from embed.config import ConfigError
-from embed.data import DataError
-from embed.domain_analysis import (format_report, headroom_by_task, load_published_results, recommend_targets,
-                                   tasks_without_results)
+
+from embed.errors import ConfigError, DataError
+from embed.evaluation.domain_analysis import (
+    format_report,
+    headroom_by_task,
+    load_published_results,
+    recommend_targets,
+    tasks_without_results,
+)
 
 RESULTS = REPO / "tests" / "fixtures" / "mteb_results"
 BENCHMARK = "MTEB(Medical, v1)"
@@ -69,10 +73,20 @@ def test_unknown_benchmark_suggests_the_right_name():
         load_published_results("MTEB(Medicl, v1)", str(RESULTS))
 
 
-def test_script_analyze_offline(monkeypatch, capsys):
+def _load_script():
+    """Loaded at collection, not inside a test: a library that sets up its log handler on import
+    would otherwise bind it to this test's captured stderr, closed once the test ends."""
     spec = importlib.util.spec_from_file_location("eval_mteb", REPO / "scripts" / "eval_mteb.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+SCRIPT = _load_script()
+
+
+def test_script_analyze_offline(monkeypatch, capsys):
+    script = SCRIPT
     monkeypatch.setattr(sys, "argv", ["eval_mteb.py", "--analyze", BENCHMARK, "--results_dir", str(RESULTS),
                                       "--model", "minilm", "--top", "1"])
     script.main()

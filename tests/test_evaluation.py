@@ -16,15 +16,22 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO, make_tiny_bert
 from torch import nn
 
-from conftest import REPO, make_tiny_bert
-from embed.config import ConfigError
-from embed.data import DataError
-from embed.evaluation import (LocalBEIRTask, MTEBEncoder, build_model_meta, evaluate_beir, evaluate_model,
-                              model_fingerprint, resolve_eval_tasks, truncate_and_normalize)
-from embed.leaderboard import prepare_submission, push_to_hub, results_table
-from embed.model import EmbeddingModel, EncoderSettings
+from embed.errors import ConfigError, DataError
+from embed.evaluation.leaderboard import prepare_submission, push_to_hub, results_table
+from embed.evaluation.mteb_eval import (
+    LocalBEIRTask,
+    MTEBEncoder,
+    build_model_meta,
+    evaluate_beir,
+    evaluate_model,
+    model_output_fingerprint,
+    resolve_eval_tasks,
+    truncate_and_normalize,
+)
+from embed.modeling.model import EmbeddingModel, EncoderSettings
 
 TINY_BEIR = REPO / "tests" / "fixtures" / "tiny_beir"
 
@@ -92,6 +99,58 @@ def test_qrels_with_unknown_ids_is_an_error_naming_line_and_field(tmp_path, row,
     (tmp_path / "beir" / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\n{row}\n")
     with pytest.raises(DataError, match=rf"test.tsv:2: field '{field}': unknown id"):
         evaluate_beir(BagOfWords(), str(tmp_path / "beir"))
+
+
+def _beir_with_an_empty_judged_document(folder):
+    """tiny_beir plus d6 with empty title and text, judged relevant for q3 (as in a classic collection)."""
+    shutil.copytree(TINY_BEIR, folder)
+    with open(folder / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "d6", "title": "", "text": ""}) + "\n")
+    with open(folder / "qrels" / "test.tsv", "a") as f:
+        f.write("q3\td6\t1\n")
+    return folder
+
+
+def test_corpus_reader_keeps_empty_documents_for_evaluation_and_counts_them(tmp_path):
+    from embed.data import load_corpus
+
+    folder = _beir_with_an_empty_judged_document(tmp_path / "beir")
+    for_generation = load_corpus(str(folder))
+    for_evaluation = load_corpus(str(folder), keep_empty=True)
+    assert "d6" not in for_generation.index and for_generation.skipped["empty_text"] == 1
+    assert for_evaluation.ids[-1] == "d6" and for_evaluation.doc_text(5) == ""
+    assert for_evaluation.skipped["empty_text"] == 1
+
+
+def test_empty_document_judged_in_the_qrels_is_ranked_as_mteb_does(tmp_path, capsys):
+    """An empty document is a document: the evaluation ranks it instead of failing on its judgement."""
+
+    class EmptyAsEpsilon(BagOfWords):  # the empty text embeds as "epsilon", so q3's ranks are known
+        def encode(self, texts, **kwargs):
+            texts = list(texts)
+            out = super().encode(["epsilon" if not t.strip() else t for t in texts], **kwargs)
+            self.calls[-1] = (kwargs.get("kind"), texts)
+            return out
+
+    folder = _beir_with_an_empty_judged_document(tmp_path / "beir")
+    model = EmptyAsEpsilon()
+    scores = evaluate_beir(model, str(folder))
+    # q1, q2 as in test_local_task_metrics_match_hand_computation (d6 scores 0 for them);
+    # q3 "epsilon": d6 (1.0) > d4 (.707), both relevant -> the ideal ranking, nDCG 1
+    ndcg_q1 = 1 / math.log2(3)
+    ndcg_q2 = (2 + 1 / math.log2(4)) / (2 + 1 / math.log2(3))
+    assert scores["ndcg_at_10"] == pytest.approx((ndcg_q1 + ndcg_q2 + 1.0) / 3, abs=1e-5)
+    documents = next(texts for kind, texts in model.calls if kind == "document" and len(texts) > 4)
+    assert len(documents) == 6 and any(not t.strip() for t in documents)
+    assert "1 document(s) with empty title and text" in capsys.readouterr().out
+
+
+def test_script_evaluates_a_corpus_with_an_empty_judged_document(tmp_path, monkeypatch, tiny_bert_dir):
+    folder = _beir_with_an_empty_judged_document(tmp_path / "beir")
+    _run_script(monkeypatch, "--model", tiny_bert_dir, "--data", folder, "--run_dir", tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "eval_summary.json").read_text())
+    expected = evaluate_beir(EmbeddingModel.from_pretrained(str(tiny_bert_dir)), str(folder))["ndcg_at_10"]
+    assert summary["ndcg_at_10"]["beir"]["model"] == pytest.approx(expected)
 
 
 def test_unknown_target_name_suggests_the_mteb_task():
@@ -167,20 +226,20 @@ def test_two_models_in_one_cache_folder_each_get_their_own_scores(two_models, tm
            for m in (a, b)]
     assert got == pytest.approx(uncached)
     revisions = sorted(p.name for p in (cache / "results" / "org__same-name").iterdir())
-    assert revisions == sorted([model_fingerprint(a), model_fingerprint(b)])
+    assert revisions == sorted([model_output_fingerprint(a), model_output_fingerprint(b)])
     for rev in revisions:
         assert (cache / "results" / "org__same-name" / rev / "local-tiny_beir.json").is_file()
     # the trap itself: model b filed under a's revision is answered from a's cache entry
-    trapped = evaluate_model(b, task, name="org/same-name", revision=model_fingerprint(a), results_dir=cache)
+    trapped = evaluate_model(b, task, name="org/same-name", revision=model_output_fingerprint(a), results_dir=cache)
     assert trapped["tiny_beir"]["ndcg_at_10"] == pytest.approx(uncached[0])
 
 
 def test_fingerprint_is_stable_across_loads_and_tracks_settings(tmp_path):
     folder = str(make_tiny_bert(tmp_path / "model", seed=0))  # no pooler weights: BERT re-inits them per load
     first, second = (EmbeddingModel.from_pretrained(folder) for _ in range(2))
-    assert model_fingerprint(first) == model_fingerprint(second)  # a rerun finds its cached results
+    assert model_output_fingerprint(first) == model_output_fingerprint(second)  # a rerun finds its cached results
     prompted = EmbeddingModel.from_pretrained(folder, query_prompt="query: ")
-    assert model_fingerprint(prompted) != model_fingerprint(first)
+    assert model_output_fingerprint(prompted) != model_output_fingerprint(first)
 
 
 def test_changed_folder_is_not_answered_from_the_cache(tmp_path):
@@ -247,7 +306,7 @@ def test_trained_run_writes_table_chart_summary_and_card(tmp_path, monkeypatch, 
     assert "| tiny_beir | test |" in table and "| tiny_beir (16d) | test |" in table
     assert (eval_dir / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run_dir / "eval_summary.json").read_text())
-    assert summary == json.loads((eval_dir / "eval_summary.json").read_text())
+    assert not (eval_dir / "eval_summary.json").exists()  # written once, where every stage writes its summary
     assert 0 < summary["peak_rss_gb"] < 64  # the whole process tree, as every stage records it
     ndcg = summary["ndcg_at_10"]["tiny_beir"]
     for role, folder in (("base", base), ("trained", run_dir / "model")):
@@ -260,29 +319,6 @@ def test_trained_run_writes_table_chart_summary_and_card(tmp_path, monkeypatch, 
     assert sorted(p.name for p in (eval_dir / "results").iterdir()) == ["local__base", "user__tiny-domain"]
     assert not (eval_dir / "submission").exists()  # a local folder is not a leaderboard task
     assert "| tiny_beir | test |" in capsys.readouterr().out
-
-
-def test_model_with_a_lexical_channel_is_also_scored_without_it(tmp_path, monkeypatch):
-    """The table shows what the lexical channel adds: the trained model's dense half is a third column."""
-    from embed.data import load_corpus
-    from embed.lexical import fit_lexical_channel
-
-    base = make_tiny_bert(tmp_path / "base" / "model", seed=0)
-    run_dir = tmp_path / "run"
-    model = EmbeddingModel.from_pretrained(str(make_tiny_bert(tmp_path / "dense", seed=2)))
-    corpus = load_corpus(str(TINY_BEIR))
-    model.lexical = fit_lexical_channel(model, [corpus.doc_text(i) for i in range(len(corpus))], dim=64, weight=0.5)
-    model.save_pretrained(run_dir / "model")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"run_dir": str(run_dir), "model": {"name_or_path": str(base)},
-                                      "data": {"eval": [str(TINY_BEIR)], "eval_split": "test"}}))
-    _run_script(monkeypatch, recipe)
-    assert "| dataset | split | base | trained | trained_dense | Δ |" in (run_dir / "eval" / "results.md").read_text()
-    ndcg = json.loads((run_dir / "eval_summary.json").read_text())["ndcg_at_10"]["tiny_beir"]
-    dense = evaluate_beir(EmbeddingModel.from_pretrained(str(tmp_path / "dense")), str(TINY_BEIR))["ndcg_at_10"]
-    hybrid = evaluate_beir(EmbeddingModel.from_pretrained(str(run_dir / "model")), str(TINY_BEIR))["ndcg_at_10"]
-    assert ndcg["trained_dense"] == pytest.approx(dense) and ndcg["trained"] == pytest.approx(hybrid)
-    assert len(list((run_dir / "eval" / "results").iterdir())) == 3  # each role its own results folder
 
 
 def test_one_model_without_recipe(tmp_path, monkeypatch, tiny_bert_dir):
@@ -316,17 +352,19 @@ def test_push_without_token_fails_before_any_work(tmp_path, monkeypatch, capsys)
 
 
 def test_card_asks_for_trust_remote_code_only_for_this_packages_modules(tmp_path):
-    """A latent-attention model names `embed.latent_attention.LatentAttentionST` in modules.json;
+    """A latent-attention model names `embed.modeling.latent_attention.LatentAttentionST` in modules.json;
     its card spells out the opt-in and why. Every other card loads with the flag off."""
-    from embed.leaderboard import model_card
-    from embed.model import LATENT_ATTENTION_ST, package_modules
+    from embed.evaluation.leaderboard import model_card
+    from embed.modeling.model import LATENT_ATTENTION_ST, package_modules
 
     (tmp_path / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_LatentAttention", "type": LATENT_ATTENTION_ST}]))
     assert package_modules(tmp_path) == (LATENT_ATTENTION_ST,)
     assert package_modules(tmp_path / "missing") == ()
-    plain = model_card("user/m", "base/m", {}, [], "", "query: ", "")
-    custom = model_card("user/m", "base/m", {}, [], "", "query: ", "", (LATENT_ATTENTION_ST,))
+    settings = EncoderSettings(query_prompt="query: ")
+    plain = model_card("user/m", "base/m", {}, [], "", load_path="user/m", settings=settings)
+    custom = model_card("user/m", "base/m", {}, [], "", load_path="user/m", settings=settings,
+                        package_modules=(LATENT_ATTENTION_ST,))
     assert 'SentenceTransformer("user/m")' in plain and "trust_remote_code" not in plain
     assert 'SentenceTransformer("user/m", trust_remote_code=True)' in custom and LATENT_ATTENTION_ST in custom

@@ -15,14 +15,38 @@ from types import SimpleNamespace
 
 import pytest
 
-from embed.config import ConfigError
-from embed.data import JsonlAppender, load_corpus, read_jsonl
-from embed.generation import (QueryGenerator, block_seed, check_resume, plan_units, resolve_task, row_key,
-                              summarise)
-from embed.llm_backends import (STOP_STRINGS, OpenAIBackend, Sampling, TransformersBackend, VllmBackend, shard_bounds,
-                                shared_prefix, vllm_dtype)
-from embed.prompts import ANSWER_PREFIX, ANSWER_SCHEMA, DEFAULT_TASK, PromptBuilder, example_texts, parse_answer, render_chat
-from embed.query_filters import BM25RoundTrip, FilterSettings, QueryFilter
+from embed.data import load_corpus
+from embed.errors import ConfigError
+from embed.generation.backends import (
+    STOP_STRINGS,
+    OpenAIBackend,
+    Sampling,
+    TransformersBackend,
+    VllmBackend,
+    shard_bounds,
+    shared_prefix,
+    vllm_dtype,
+)
+from embed.generation.filters import BM25RoundTrip, FilterSettings, QueryFilter
+from embed.generation.generator import (
+    QueryGenerator,
+    block_seed,
+    check_resume,
+    plan_units,
+    resolve_task,
+    row_key,
+    summarise,
+)
+from embed.generation.prompts import (
+    ANSWER_PREFIX,
+    ANSWER_SCHEMA,
+    DEFAULT_TASK,
+    PromptBuilder,
+    example_texts,
+    parse_answer,
+    render_chat,
+)
+from embed.io import JsonlAppender, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -37,7 +61,7 @@ TOPICS = ["vitamin D and bone density in older women", "aspirin after a first he
 def chat_tokenizer():
     from transformers import AutoTokenizer
 
-    from embed.paths import resolve_model
+    from embed.runtime import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -306,8 +330,8 @@ def test_vllm_output_count_mismatch_is_an_error():
 
 
 def test_vllm_dtype_and_data_parallel_shards():
-    assert vllm_dtype("auto", 7) == "half" and vllm_dtype("auto", 8) == "auto"
-    assert vllm_dtype("float16", 9) == "half" and vllm_dtype("bfloat16", 9) == "bfloat16"
+    assert vllm_dtype("auto", native_bf16=False) == "half" and vllm_dtype("auto", native_bf16=True) == "auto"
+    assert vllm_dtype("float16", True) == "half" and vllm_dtype("bfloat16", True) == "bfloat16"
     assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert shard_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
 
@@ -382,6 +406,22 @@ def test_unusable_answers_are_retried_and_rows_record_everything(corpus_dir, tmp
     assert {s["doc_id"] for s in summary["samples"]} <= {"doc0", "doc1", "doc3"}
 
 
+def test_echoes_of_the_worked_example_are_rejected_and_counted(corpus_dir, tmp_path):
+    """The generator answers about the example's topic (walking, sleep) for every document: only the
+    document that is about sleep keeps its query; the others are counted as example echoes."""
+    corpus = load_corpus(str(corpus_dir))
+    units = [u for u in plan_units(corpus, 0, 1, ["question"], [24], seed=0) if u.doc_id in ("doc1", "doc2", "doc6")]
+    gen = QueryGenerator(ScriptedBackend(lambda call, content: '{"query": "does sleep improve memory of skills"}'),
+                         PromptBuilder(), QueryFilter(FilterSettings(round_trip="none"), prompt_texts=example_texts()),
+                         corpus, batch_size=4, max_retries=0, retry_temperature=1.0, seed=0)
+    with JsonlAppender(tmp_path / "q.jsonl", row_key) as out:
+        gen.run(units, out)
+    rows = {r["doc_id"]: r for _, r in read_jsonl(tmp_path / "q.jsonl")}
+    assert {d: r["reject_reason"] for d, r in rows.items()} == {"doc1": "example_echo", "doc2": None, "doc6": "example_echo"}
+    summary = summarise(tmp_path / "q.jsonl", units, corpus)
+    assert summary["rejected"]["example_echo"] == 2 and summary["queries_kept"] == 1
+
+
 def test_unparseable_final_answers_keep_their_raw_text(corpus_dir, tmp_path):
     corpus = load_corpus(str(corpus_dir))
     units = plan_units(corpus, 2, 1, ["claim"], [24], seed=0)
@@ -415,7 +455,7 @@ def test_auto_task_is_brainstormed_once_and_saved(corpus_dir, tmp_path):
 # ---------------------------------------------------------------- the script: kill, rerun
 KILL_AFTER_ONE_BLOCK = """
 import os, runpy, signal, sys
-from embed import data
+from embed import io as data
 original, calls = data.JsonlAppender.write, [0]
 def write_then_die(self, rows):
     calls[0] += 1
@@ -494,8 +534,8 @@ def test_kill_mid_run_then_rerun_equals_an_uninterrupted_run(tiny_generator, tin
 def test_rerun_with_other_settings_is_refused(corpus_dir, tmp_path):
     import shutil
 
-    from embed.embedding_cache import corpus_fingerprint
     from embed.recipe import GenConfig
+    from embed.retrieval.embedding_cache import corpus_fingerprint
 
     def key(folder):
         corpus = load_corpus(str(folder))

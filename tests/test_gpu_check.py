@@ -82,10 +82,9 @@ def test_dry_run_reports_every_part(tmp_path):
 
 def test_flops_per_sequence_of_bge_base():
     import torch
-    from transformers import BertConfig, BertModel
-
     from gpu_common import BGE_BASE
     from gpu_throughput import datasheet_tflops, training_flops_per_sequence
+    from transformers import BertConfig, BertModel
 
     with torch.device("meta"):
         model = BertModel(BertConfig(**BGE_BASE), add_pooling_layer=False)

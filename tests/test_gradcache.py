@@ -5,12 +5,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from test_loss_distributed import run_processes
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertModel
 
-from embed.loss import GradCache, InfoNCELoss, ListwiseDistillation, MatryoshkaLoss
-from test_loss_distributed import run_processes
+from embed.training.loss import (
+    GradCache,
+    InfoNCELoss,
+    ListwiseDistillation,
+    MatryoshkaLoss,
+)
 
 GROUP, SEED = 3, 1234
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-from embed.bidirectional import make_bidirectional
-from embed.latent_attention import LatentAttentionPooling, LatentAttentionST
-from embed.pooling import exclude_prompt
-from embed.paths import resolve_model
+from embed.modeling.bidirectional import make_bidirectional
+from embed.modeling.latent_attention import LatentAttentionPooling, LatentAttentionST
+from embed.modeling.pooling import exclude_prompt
+from embed.runtime import resolve_model
 
 HIDDEN = 32
 

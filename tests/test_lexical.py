@@ -1,4 +1,4 @@
-"""embed.lexical: the hashed TF-IDF channel appended to the dense embedding."""
+"""embed.modeling.lexical: the hashed TF-IDF channel appended to the dense embedding."""
 import subprocess
 import sys
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from embed.config import ConfigError, parse_recipe
-from embed.lexical import LexicalChannel, fit_lexical_channel
-from embed.model import EmbeddingModel
+from embed.config import parse_recipe
+from embed.errors import ConfigError
+from embed.modeling.lexical import LexicalChannel, fit_lexical_channel
+from embed.modeling.model import EmbeddingModel
 from tests.conftest import REPO, toy_train_rows, write_jsonl
 
 DOCS = ["the zebrafish heart regenerates after injury", "tax law of the river delta", "zebrafish fins and tax law",
@@ -68,6 +69,45 @@ def test_channel_finds_the_document_sharing_a_rare_word_and_survives_save_and_lo
     assert st.get_embedding_dimension() == 32 + 256
     assert np.allclose(st.encode(DOCS), docs, atol=1e-5)
     assert np.allclose(st.encode(["yeast division"], prompt_name="query"), queries[1:], atol=1e-5)
+
+
+def test_saved_channel_keeps_its_tables_and_a_channel_saved_without_them_still_loads(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from embed.modeling.lexical import WEIGHTS_NAME
+
+    channel = LexicalChannel(torch.rand(40) + 0.1, dim=16, weight=0.4, seed=3)
+    ids, mask = torch.randint(0, 40, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    expected = channel.lexical(ids, mask)
+    channel.save(tmp_path / "new")
+    assert set(load_file(tmp_path / "new" / WEIGHTS_NAME)) == {"idf", "bucket", "sign"}
+    # if torch's random stream changed, a saved channel must not: load with a different stream
+    real_randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, generator=None: real_randint(low, high, size))
+    assert torch.allclose(LexicalChannel.load(tmp_path / "new").lexical(ids, mask), expected)
+    monkeypatch.undo()
+    # the layout written before the tables were stored: IDF only, tables drawn from the seed
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "lexical_channel.json").write_text((tmp_path / "new" / "lexical_channel.json").read_text())
+    save_file({"idf": channel.idf.contiguous()}, tmp_path / "old" / WEIGHTS_NAME)
+    assert torch.allclose(LexicalChannel.load(tmp_path / "old").lexical(ids, mask), expected)
+
+
+def test_model_saved_before_the_package_was_regrouped_still_loads(tmp_path, tiny_bert_dir):
+    """modules.json of older saves names `embed.lexical.LexicalChannelST`; our loader maps it."""
+    import json
+
+    model = EmbeddingModel.from_pretrained(str(tiny_bert_dir))
+    model.lexical = fit_lexical_channel(model, DOCS, dim=64, weight=0.5)
+    model.save_pretrained(tmp_path / "m")
+    modules_file = tmp_path / "m" / "modules.json"
+    modules = json.loads(modules_file.read_text())
+    for m in modules:
+        m["type"] = m["type"].replace("embed.modeling.lexical.", "embed.lexical.")
+    modules_file.write_text(json.dumps(modules))
+    again = EmbeddingModel.from_pretrained(str(tmp_path / "m"))
+    assert again.lexical is not None
+    assert np.allclose(again.encode(DOCS, kind="document"), model.encode(DOCS, kind="document"), atol=1e-5)
 
 
 def test_recipe_checks_the_lexical_keys(tmp_path):

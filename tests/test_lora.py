@@ -4,10 +4,16 @@ import torch
 from peft import PeftModel
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
-from embed.bidirectional import make_bidirectional
-from embed.config import ConfigError
-from embed.latent_attention import LatentAttentionPooling
-from embed.lora import apply_lora, bnb_4bit_config, enable_gradient_checkpointing, lora_target_modules, merge_lora
+from embed.errors import ConfigError
+from embed.modeling.bidirectional import make_bidirectional
+from embed.modeling.latent_attention import LatentAttentionPooling
+from embed.modeling.model import enable_gradient_checkpointing
+from embed.modeling.peft import (
+    apply_lora,
+    bnb_4bit_config,
+    lora_target_modules,
+    merge_lora,
+)
 
 VOCAB = 100
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embed.loss import InfoNCELoss, ListwiseDistillation, MatryoshkaLoss
+from embed.training.loss import InfoNCELoss, ListwiseDistillation, MatryoshkaLoss
 
 
 def reference_infonce(query_emb, doc_emb, doc_keys, query_pos_keys, temperature, in_batch_negatives):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from embed.loss import InfoNCELoss, MatryoshkaLoss
+from embed.training.loss import InfoNCELoss, MatryoshkaLoss
 
 WORLD, LOCAL_BATCH, GROUP, IN_DIM, DIM = 2, 3, 3, 6, 8
 

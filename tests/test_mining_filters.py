@@ -4,9 +4,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from embed.dense_index import DenseIndex
-from embed.mining import MiningQuery, NegativeMiner
-from embed.negative_filters import NegativeRules, normalise_text, rrf_fuse, select_negatives
+from embed.mining.inputs import MiningQuery
+from embed.mining.miner import NegativeMiner
+from embed.mining.negative_filters import (
+    NegativeRules,
+    normalise_text,
+    rrf_fuse,
+    select_negatives,
+)
+from embed.retrieval.dense_index import DenseIndex
 
 
 # ---------------------------------------------------------------- fusion
@@ -141,7 +147,7 @@ def test_hybrid_teacher_mixes_cosine_with_relative_bm25_and_filters_on_it():
     """Candidate 2 is well below the positive for the dense teacher but matches every query word
     where the positive matches one: the hybrid teacher scores it above the positive's margin and
     drops it as a likely unjudged positive."""
-    from embed.bm25_index import BM25Index
+    from embed.retrieval.bm25_index import BM25Index
 
     texts = ["protein trial results", "weather report", "kinase inhibitor protein binding", "gardening tips"]
     query = unit([1, 0, 0])
@@ -151,7 +157,7 @@ def test_hybrid_teacher_mixes_cosine_with_relative_bm25_and_filters_on_it():
     rules = NegativeRules(num_negatives=3, relative_margin=0.05)
     dense_only = NegativeMiner(emb, rules, depth=4, rrf_k=60, seed=0, dense=DenseIndex(emb))
     hybrid = NegativeMiner(emb, rules, depth=4, rrf_k=60, seed=0, dense=DenseIndex(emb), lexical=lexical,
-                           lexical_weight=0.5)
+                           teacher_bm25_weight=0.5)
     q = MiningQuery("q", "protein kinase inhibitor", [0])
     [plain] = dense_only.mine([q], query[None])
     [mixed] = hybrid.mine([q], query[None])
@@ -164,5 +170,5 @@ def test_hybrid_teacher_mixes_cosine_with_relative_bm25_and_filters_on_it():
 
 def test_hybrid_teacher_needs_a_lexical_index():
     emb = np.eye(3, dtype=np.float16)
-    with pytest.raises(ValueError, match="lexical_weight > 0 needs a lexical"):
-        NegativeMiner(emb, NegativeRules(), depth=2, rrf_k=60, seed=0, dense=DenseIndex(emb), lexical_weight=0.3)
+    with pytest.raises(ValueError, match="teacher_bm25_weight > 0 needs a lexical"):
+        NegativeMiner(emb, NegativeRules(), depth=2, rrf_k=60, seed=0, dense=DenseIndex(emb), teacher_bm25_weight=0.3)

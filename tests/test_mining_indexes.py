@@ -5,12 +5,16 @@ import time
 import numpy as np
 import pytest
 
-from embed.bm25_index import BM25Index
-from embed.config import ConfigError
-from embed.data import DataError
-from embed.dense_index import DenseIndex
-from embed.embedding_cache import (CorpusEmbeddingCache, cache_key, corpus_embeddings, corpus_fingerprint,
-                                   model_fingerprint)
+from embed.errors import ConfigError, DataError
+from embed.retrieval.bm25_index import BM25Index
+from embed.retrieval.dense_index import DenseIndex
+from embed.retrieval.embedding_cache import (
+    CorpusEmbeddingCache,
+    cache_key,
+    corpus_embeddings,
+    corpus_fingerprint,
+    model_files_fingerprint,
+)
 
 
 def random_unit(n, d, seed):
@@ -123,10 +127,10 @@ def test_cache_key_changes_with_corpus_text_and_model_files(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "weights.safetensors").write_bytes(b"1")
-    before = model_fingerprint(str(model))
+    before = model_files_fingerprint(str(model))
     os.utime(model / "weights.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert model_fingerprint(str(model)) != before
-    assert model_fingerprint("org/hub-model") == {"name": "org/hub-model"}
+    assert model_files_fingerprint(str(model)) != before
+    assert model_files_fingerprint("org/hub-model") == {"name": "org/hub-model"}
 
 
 def test_killed_encoding_resumes_chunk_by_chunk(tmp_path):

@@ -15,7 +15,7 @@ import yaml
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from embed.data import load_qrels, read_train_set
-from embed.paths import resolve_model
+from embed.runtime import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
@@ -93,8 +93,8 @@ def check_train_set(path: Path, qrels: dict, num_negatives: int, summary: dict):
 
 
 def test_token_length_batches_give_the_same_embeddings(tiny_teacher, monkeypatch):
-    from embed.mining import encode_by_token_length
-    from embed.model import EmbeddingModel
+    from embed.mining.miner import encode_by_token_length
+    from embed.modeling.model import EmbeddingModel
 
     model = EmbeddingModel.from_pretrained(tiny_teacher, max_length=32)
     texts = [" ".join(["word"] * n) for n in (3, 40, 1, 17, 9, 25, 2, 30)]  # token order != input order
@@ -108,7 +108,7 @@ def test_token_length_batches_give_the_same_embeddings(tiny_teacher, monkeypatch
 
 
 def test_same_query_text_under_two_ids_shares_exclusions():
-    from embed.mining import MiningQuery, exclude_positives_of_same_text
+    from embed.mining.inputs import MiningQuery, exclude_positives_of_same_text
 
     queries = [MiningQuery("a", "Is X true?", [1]), MiningQuery("b", "is  x TRUE?", [2]), MiningQuery("c", "other", [3])]
     exclude_positives_of_same_text(queries)
@@ -161,8 +161,8 @@ def test_margin_off_keeps_more_than_margin_on(tmp_path, tiny_teacher, beir, monk
 
 def test_hybrid_teacher_scores_are_cosine_mixed_with_relative_bm25(tmp_path, tiny_teacher, beir, monkeypatch):
     """mine.teacher_bm25_weight: every written score is (1 - w) x the dense teacher's + w x relative BM25."""
-    from embed.bm25_index import BM25Index
     from embed.data import load_corpus
+    from embed.retrieval.bm25_index import BM25Index
 
     run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", relative_margin=None,
                                        retrievers=["dense"]))
@@ -258,17 +258,17 @@ def test_malformed_input_is_one_line_error(tmp_path, tiny_teacher, beir, monkeyp
 # ---------------------------------------------------------------- kill mid-run, rerun
 KILLER = """
 import os, signal, sys, runpy
-from embed import mining
-original, calls = mining.ResumableOutput.write, [0]
+from embed.mining import inputs as mining_inputs, output as mining_output
+original, calls = mining_output.ResumableOutput.write, [0]
 def write_then_die(self, mined, corpus):
     calls[0] += 1
     if calls[0] == 2:  # second batch: stats on disk, then half a row, then SIGKILL
-        self.stats.write(mining.to_stats_row(m) for m in mined)
+        self.stats.write(mining_output.to_stats_row(m) for m in mined)
         self.rows._file.write('{"query": "torn')
         self.rows._file.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     original(self, mined, corpus)
-mining.ResumableOutput.write = write_then_die
+mining_output.ResumableOutput.write = write_then_die
 sys.argv = ["mine_faiss.py", *sys.argv[1:]]
 runpy.run_path("scripts/mine_faiss.py", run_name="__main__")
 """
@@ -350,3 +350,45 @@ def test_cloze_queries_are_mined_with_their_own_positive_text(tmp_path, tiny_tea
     assert rows["cloze:d5"]["pos_ids"] == ["d5"] and rows["cloze:d5"]["pos_texts"] == ["d5 without that sentence"]
     assert rows["cloze:d5"]["source"] == "cloze" and "d5" not in rows["cloze:d5"]["neg_ids"]
     assert rows["d0#0"]["pos_texts"] == ["protein folding protein folding note 0 about protein folding"]  # title + text
+
+
+# ---------------------------------------------------------------- the score plot
+def test_margin_scatter_plots_each_negative_against_its_positive(tmp_path, monkeypatch):
+    from embed.mining import output
+    from embed.mining.negative_filters import NegativeRules
+
+    figures = []
+    original = output.save_figure
+    monkeypatch.setattr(output, "save_figure", lambda fig, path, **kw: figures.append(fig) or original(fig, path, **kw))
+    rows = [
+        {"pos_scores": [0.8, 0.9], "neg_scores": [0.7, 0.5], "source": "generated"},  # x = least similar positive
+        {"pos_scores": [0.6], "neg_scores": [0.4], "source": "qrels:train.tsv"},
+        {"pos_scores": None, "neg_scores": [0.3], "source": "generated"},  # no teacher score: not plotted
+        {"pos_scores": [0.7], "neg_scores": [], "source": "generated"},  # no negative: nothing to plot
+    ]
+    path = tmp_path / "mine_scores.png"
+    output.plot_margin_scatter(path, rows, NegativeRules(relative_margin=0.05, absolute_margin=0.15), "teacher")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    ax = figures[0].axes[0]
+    points = {c.get_label().split(" (")[0]: c.get_offsets().tolist() for c in ax.collections}
+    assert points == {"generated": [[0.8, 0.7], [0.8, 0.5]], "qrels": [[0.6, 0.4]]}
+    line = next(ln for ln in ax.lines if ln.get_label().startswith("margin rule"))
+    x, y = line.get_data()
+    # the stricter rule: positive - 0.15 (absolute) is below positive x 0.95 (relative) for these scores
+    np.testing.assert_allclose(y, x - 0.15)
+    assert x.min() == pytest.approx(0.6) and x.max() == pytest.approx(0.8)  # over the positives
+
+
+def test_margin_scatter_without_margin_rules_draws_no_margin_line(tmp_path, monkeypatch):
+    from embed.mining import output
+    from embed.mining.negative_filters import NegativeRules
+
+    figures = []
+    original = output.save_figure
+    monkeypatch.setattr(output, "save_figure", lambda fig, path, **kw: figures.append(fig) or original(fig, path, **kw))
+    output.plot_margin_scatter(tmp_path / "p.png", [{"pos_scores": [0.5], "neg_scores": [0.6]}],
+                               NegativeRules(relative_margin=None, absolute_margin=None), "no margins")
+    labels = [ln.get_label() for ln in figures[0].axes[0].lines]
+    assert labels == ["negative = positive"]
+    output.plot_margin_scatter(tmp_path / "empty.png", [], NegativeRules(), "nothing mined")  # still a figure
+    assert (tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG"

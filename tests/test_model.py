@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from embed.model import EmbeddingModel, ModelLoadError
+from embed.errors import ModelLoadError
+from embed.modeling.model import EmbeddingModel
 from tests.conftest import make_tiny_bert
 
 TEXTS = ["protein folding in yeast", "the tax code of 1986 and its amendments", "a"]
@@ -64,10 +65,9 @@ def test_bundled_minilm_alias_loads():
 def test_compile_layers_compiles_every_layer_in_place(tmp_path):
     """Regional compilation finds the layer stack, keeps parameter names and the outputs."""
     import torch
-
-    from embed.compile import compile_layers, repeated_layers
-
     from transformers import AutoModel
+
+    from embed.modeling.compile import compile_layers, repeated_layers
 
     backbone = AutoModel.from_pretrained(make_tiny_bert(tmp_path / "model")).eval()
     names_before = [name for name, _ in backbone.named_parameters()]

@@ -6,8 +6,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from embed.bidirectional import make_bidirectional
-from embed.nemotron import is_llama_bidirectional_checkpoint, load_nemotron_backbone
+from embed.modeling.bidirectional import make_bidirectional
+from embed.modeling.nemotron import (
+    is_llama_bidirectional_checkpoint,
+    load_nemotron_backbone,
+)
 
 
 def tiny_config():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from embed.pooling import POOLING_REGISTRY, build_pooling, pooling_class
+from embed.modeling.pooling import POOLING_REGISTRY, build_pooling, pooling_class
 
 # two sequences, hidden 2: seq0 has 3 real tokens, seq1 has 2
 TOKENS = torch.tensor([[[1., 2.], [3., 4.], [5., 6.], [9., 9.]],

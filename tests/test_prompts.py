@@ -5,9 +5,19 @@ import json
 
 import pytest
 
-from embed.config import ConfigError
-from embed.prompts import (ANSWER_PREFIX, DEFAULT_TASK, EXAMPLE_DOCUMENT, QUERY_TYPES, PromptBuilder, example_texts,
-                           parse_answer, render_chat, task_prompt, truncate_words)
+from embed.errors import ConfigError
+from embed.generation.prompts import (
+    ANSWER_PREFIX,
+    DEFAULT_TASK,
+    EXAMPLE_DOCUMENT,
+    QUERY_TYPES,
+    PromptBuilder,
+    example_texts,
+    parse_answer,
+    render_chat,
+    task_prompt,
+    truncate_words,
+)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -19,7 +29,7 @@ def tiny_chat_tokenizer():
     """The bundled MiniLM tokenizer with a minimal chat template (any local tokenizer will do)."""
     from transformers import AutoTokenizer
 
-    from embed.paths import resolve_model
+    from embed.runtime import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -4,8 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embed.query_filters import (RANK_DEPTH, REASONS, BM25RoundTrip, DenseRoundTrip, FilterSettings, QueryFilter,
-                                 check_text, copy_overlap, meta_text, normalise)
+from embed.generation.filters import (
+    RANK_DEPTH,
+    REASONS,
+    BM25RoundTrip,
+    DenseRoundTrip,
+    FilterSettings,
+    QueryFilter,
+    check_text,
+    copy_overlap,
+    example_echo,
+    example_topic,
+    meta_text,
+    normalise,
+)
 
 DOCS = [
     "Vitamin D supplementation increases hip bone density in older women after two years.",
@@ -68,6 +80,74 @@ def test_copy_of_the_worked_example_is_rejected():
     assert check_text(query, DOCS[2], NO_ROUND_TRIP, prompt_texts=example) == "copied"
 
 
+# The default prompt's worked example (a walking-and-sleep study), as the generation script passes it.
+WORKED_EXAMPLE = (
+    "Walking and sleep in later life. In a trial of 120 adults aged 65 to 80, twelve weeks of brisk "
+    "walking three times a week shortened the time needed to fall asleep by 15 minutes and reduced "
+    "night-time waking, compared with a stretching group.",
+    "Brisk walking helps older adults fall asleep faster.",
+    "does walking help older people sleep better",
+    "aerobic exercise sleep quality elderly",
+)
+MAILBOX_DOC = ("mailbox._mboxMMDFMessage._explain_to def _explain_to(self, message): "
+               "if isinstance(message, MaildirMessage): flags = set(self.get_flags()) ...")
+IMAP_STATUS_DOC = ("imaplib.IMAP4.status def status(self, mailbox, names): name = 'STATUS' "
+                   "typ, dat = self._simple_command(name, mailbox, names) return self._untagged_response(typ, dat, name)")
+PUFFS_DOC = "Heat-shock puffs. Chromosome puffs in Drosophila salivary glands form within minutes of a heat shock."
+SLEEP_DOC = "Shift work and sleep. Night-shift nurses slept 1.5 hours less than day-shift nurses."
+OS_WALK_DOC = "os.walk def walk(top, topdown=True, onerror=None): yield top, dirs, nondirs for each directory"
+
+
+@pytest.mark.parametrize("query, document", [
+    ("does sleep improve mental clarity", MAILBOX_DOC),  # the leaks the issue quotes
+    ("Does status help older people sleep better", IMAP_STATUS_DOC),
+    ("does the heat-shock puffs improve sleep quality", PUFFS_DOC),
+    ("brisk walking for mailbox flags", MAILBOX_DOC),
+])
+def test_echo_of_the_worked_example_is_rejected(query, document):
+    assert check_text(query, document, NO_ROUND_TRIP, prompt_texts=WORKED_EXAMPLE) == "example_echo"
+    assert example_echo(query, document, WORKED_EXAMPLE)  # names the echoed terms
+    assert check_text(query, document, NO_ROUND_TRIP) is None  # nothing to echo without an example
+
+
+@pytest.mark.parametrize("query, document", [
+    ("does shift work shorten sleep in nurses", SLEEP_DOC),  # the example's topic, explained by its document
+    ("how to walk a directory tree top down", OS_WALK_DOC),
+    ("convert maildir flags when copying a message", MAILBOX_DOC),
+    ("how fast do chromosome puffs appear after heat", PUFFS_DOC),
+    ("which older flags does the imap status command return", IMAP_STATUS_DOC),  # 'older' alone is generic
+])
+def test_legitimate_queries_pass_the_echo_check(query, document):
+    assert check_text(query, document, NO_ROUND_TRIP, prompt_texts=WORKED_EXAMPLE) is None
+
+
+def test_example_topic_is_what_its_answers_take_from_its_document():
+    # stems shared by the example document and its answers; generic words ('older', 'quality') are not in it
+    assert example_topic(WORKED_EXAMPLE) == {"adult", "asleep", "brisk", "fall", "sleep", "walk"}
+    assert example_topic(WORKED_EXAMPLE[:1]) == frozenset()  # no answers: no topic to echo
+    assert example_echo("sleeping badly after walks", "nothing related", WORKED_EXAMPLE) == {"sleep", "walk"}
+
+
+def test_human_claims_rarely_look_like_echoes(scifact_dir):
+    """The price of the echo check on real queries: SciFact's human claims against their judged
+    abstracts (both splits). A few mention adults without their abstract saying 'adult'; the other
+    words of the example ('older', 'quality', 'time') are not checked, as they would flag 9% here."""
+    from embed.data import load_corpus, load_qrels, load_queries
+
+    corpus, queries = load_corpus(str(scifact_dir)), load_queries(str(scifact_dir))
+    pairs = [(queries[q], corpus.doc_text(corpus.index[d]))
+             for split in ("train", "test") for q, docs in load_qrels(str(scifact_dir / "qrels" / f"{split}.tsv")).items()
+             for d, score in docs.items() if score > 0 and q in queries and d in corpus.index]
+    flagged = [q for q, d in pairs if example_echo(q, d, WORKED_EXAMPLE)]
+    assert len(pairs) > 1000 and len(flagged) / len(pairs) < 0.01, flagged
+
+
+def test_the_generation_script_filters_with_the_prompts_worked_example():
+    from embed.generation.prompts import example_texts
+
+    assert tuple(example_texts()) == WORKED_EXAMPLE  # the example above is the one the prompts show
+
+
 def test_reasons_are_reported_in_order():
     # too long AND meta-text AND copied: the first in REASONS order wins
     query = "this study " + DOCS[0] + " " + DOCS[0]
@@ -124,7 +204,7 @@ def test_dense_round_trip_exact_rank_in_chunks():
 
 
 def test_dense_round_trip_with_the_real_base_model():
-    from embed.model import EmbeddingModel
+    from embed.modeling.model import EmbeddingModel
 
     model = EmbeddingModel.from_pretrained("minilm")
     emb = model.encode(DOCS, kind="document")

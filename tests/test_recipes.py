@@ -20,6 +20,19 @@ def test_recipe_loads(recipe):
     assert cfg.run_dir.startswith("runs/"), "recipes write under runs/ (git-ignored)"
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_header_states_hardware_batch_and_wall_clock(recipe):
+    """A recipe opens with what a user needs before renting the machine; measurements and dev-set
+    history live in README.md / bench/README.md, so no dated result appears in a recipe."""
+    text = recipe.read_text()
+    header = "\n".join(line for line in text.splitlines()[:next(
+        i for i, line in enumerate(text.splitlines()) if not line.startswith("#"))])
+    for stated in ("Hardware:", "Global batch", "Wall-clock"):
+        assert stated in header, f"{recipe.name}: the header comment does not state '{stated}'"
+    dated = re.search(r"^.*\b20\d\d-\d\d-\d\d\b.*$", text, re.M)
+    assert dated is None, f"{recipe.name}: a dated measurement belongs in README.md: {dated and dated.group(0)}"
+
+
 @pytest.mark.parametrize("config", ACCEL, ids=lambda p: p.name)
 def test_accelerate_config_loads(config):
     from accelerate.commands.config.config_args import load_config_from_file

@@ -115,3 +115,36 @@ def test_empty_text_is_skipped_and_counted(tmp_path):
     data = beir(tmp_path, [GOOD_DOC, '{"_id": "d2", "title": "", "text": ""}'])
     corpus = load_corpus(str(data))
     assert corpus.ids == ["d1"] and corpus.skipped == Counter(empty_text=1)
+
+
+BAD_TRAIN_SETTINGS = {
+    "temperature_nan": (["--train.temperature", "nan"], "key 'train.temperature' must be a finite number > 0"),
+    "temperature_inf": (["--train.temperature", "inf"], "key 'train.temperature' must be a finite number > 0"),
+    "logging_steps_0": (["--train.logging_steps", "0"], "key 'train.logging_steps' must be >= 1"),
+    "matryoshka_dim_0": (["--model.matryoshka_dims", "[0]"], "key 'model.matryoshka_dims' must list distinct dimensions >= 1"),
+    "gradcache_negative": (["--train.gradcache_chunk_size", "-1"], "key 'train.gradcache_chunk_size' must be >= 0"),
+    "no_negatives_at_all": (["--train.stages.0.in_batch_negatives", "false", "--train.stages.0.num_negatives", "0"],
+                            "key 'train.stages.0.num_negatives' must be >= 1 when in_batch_negatives is false"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAIN_SETTINGS))
+def test_bad_train_setting_is_one_line_error(tmp_path, tiny_bert_dir, capsys, case):
+    argv, needle = BAD_TRAIN_SETTINGS[case]
+    path = recipe(tmp_path, beir(tmp_path, [GOOD_DOC]), tiny_bert_dir)
+    assert_one_line_error(*run_script("train.py", [path, *argv], capsys), needle)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("field, value", [("pos_scores", ["high"]), ("neg_scores", [None]),
+                                          ("neg_scores", [float("nan")]), ("pos_scores", [True])])
+def test_train_row_scores_must_be_numbers(tmp_path, tiny_bert_dir, capsys, field, value):
+    import json
+
+    good = {"query": "q", "pos_ids": ["d1"], "pos_texts": ["p"], "neg_ids": ["n1"], "neg_texts": ["n"],
+            "pos_scores": [0.9], "neg_scores": [0.2]}
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, field: value}) + "\n")
+    path = recipe(tmp_path, beir(tmp_path, [GOOD_DOC]), tiny_bert_dir)
+    assert_one_line_error(*run_script("train.py", [path, "--train.stages.0.data", f"[{data}]"], capsys),
+                          "train.jsonl:2", f"field '{field}'", "finite numbers")

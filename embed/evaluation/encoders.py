@@ -1,0 +1,126 @@
+"""The encoders an evaluation scores, built so that each network runs over a corpus once.
+
+A model with a lexical channel (embed.modeling.lexical) is two systems in one: its dense half and
+the hybrid [dense ; lexical]. The lexical half needs token ids only, no forward pass, so the
+hybrid's embedding is the dense half's embedding with the channel appended. `CachedEncoder`
+remembers what the network computed, by (kind, texts); `HybridEncoder` appends a channel to it.
+Scoring the dense half and the hybrid then costs one pass of the network, not two; so does
+scoring the base model and the untrained hybrid (base + the same channel).
+
+`load_as_published` loads the base model the way its publisher saved it, so the `base` column is
+the model a user would download, not the base model under this recipe's settings.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from embed.modeling.model import (
+    EXTRA_CONFIG,
+    EmbeddingModel,
+    load_from_config,
+    read_saved_settings,
+)
+from embed.runtime import resolve_model
+
+
+def dense_view(model: EmbeddingModel) -> EmbeddingModel:
+    """The same network without its lexical channel: shares the weights (no copy), changes nothing."""
+    return EmbeddingModel(model.backbone, model.tokenizer, model.pooling, model.settings)
+
+
+def _texts_key(kind: str, texts: list[str]) -> tuple[str, str]:
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return kind, h.hexdigest()
+
+
+class _EncoderView(nn.Module):
+    """What mteb_eval reads besides `encode`: the settings of the network underneath."""
+
+    network: EmbeddingModel
+
+    settings = property(lambda self: self.network.settings)
+    normalize = property(lambda self: self.network.normalize)
+    query_prompt = property(lambda self: self.network.query_prompt)
+    document_prompt = property(lambda self: self.network.document_prompt)
+
+
+class CachedEncoder(_EncoderView):
+    """An EmbeddingModel whose `encode` outputs are kept by (kind, texts) until `clear()`.
+
+    mteb encodes a task's queries and corpus in the same batches for every system scored on it,
+    so a second system built on this network finds them here instead of running it again."""
+
+    def __init__(self, network: EmbeddingModel):
+        super().__init__()
+        self.network = network
+        self._outputs: dict[tuple[str, str], np.ndarray] = {}
+
+    def encode(self, texts: Iterable[str], kind: str = "document", batch_size: int = 64,
+               show_progress: bool = False) -> np.ndarray:
+        texts = list(texts)
+        key = _texts_key(kind, texts)
+        if key not in self._outputs:
+            self._outputs[key] = self.network.encode(texts, kind=kind, batch_size=batch_size,
+                                                     show_progress=show_progress)
+        return self._outputs[key].copy()  # callers may normalise in place
+
+    def clear(self) -> None:
+        """Drop the kept outputs (after each task: a corpus's embeddings are not needed twice)."""
+        self._outputs.clear()
+
+
+class HybridEncoder(_EncoderView):
+    """[dense ; lexical]: the dense encoder's output with a lexical channel appended.
+
+    Equal to an EmbeddingModel carrying the channel (same tokenisation, same prompt masking, the
+    channel's own forward), but the network runs only inside `dense`, which may be shared."""
+
+    def __init__(self, dense: CachedEncoder, channel: nn.Module):
+        super().__init__()
+        self.dense = dense
+        self.channel = channel
+        net = dense.network
+        # the tokeniser view of a model carrying the channel: it masks the prompt out of lexical matching
+        self.network = EmbeddingModel(net.backbone, net.tokenizer, net.pooling, net.settings, lexical=channel)
+
+    @torch.inference_mode()
+    def encode(self, texts: Iterable[str], kind: str = "document", batch_size: int = 64,
+               show_progress: bool = False) -> np.ndarray:
+        texts = list(texts)
+        dense = self.dense.encode(texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
+        device = self.channel.idf.device
+        out = np.zeros((len(texts), dense.shape[1] + self.channel.dim), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            stop = start + batch_size
+            features = self.network.tokenize(texts[start:stop], kind=kind)
+            out[start:stop] = self.channel(torch.from_numpy(dense[start:stop]).to(device),
+                                           features["input_ids"].to(device),
+                                           features["lexical_mask"].to(device)).float().cpu().numpy()
+        return out
+
+
+def load_as_published(name_or_path: str, model_cfg) -> tuple[EmbeddingModel, str]:
+    """The base model with its own saved settings (prompts, pooling, max lengths), not the recipe's.
+
+    A sentence-transformers folder publishes one token limit (`max_seq_length`), which it applies
+    to queries too; our own layout also saves a query limit. A plain checkpoint (or a hub id, whose
+    files our loader does not read) publishes no embedding settings, so the recipe's are used.
+    Loading options (dtype, attention kernel, trust_remote_code) are the recipe's either way.
+    Returns the model and where its settings came from ("published" or "recipe")."""
+    folder = Path(resolve_model(name_or_path))
+    if not (folder / "modules.json").is_file():
+        return load_from_config(model_cfg, name_or_path), "recipe"
+    saved, _ = read_saved_settings(folder)
+    query_max_length = None if (folder / EXTRA_CONFIG).is_file() else saved.max_length
+    model = EmbeddingModel.from_pretrained(
+        name_or_path, attn_implementation=model_cfg.attn_implementation, dtype=model_cfg.dtype,
+        trust_remote_code=model_cfg.trust_remote_code, query_max_length=query_max_length)
+    return model, "published"

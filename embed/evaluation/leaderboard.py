@@ -1,0 +1,234 @@
+"""What an evaluation publishes: the comparison table and chart, the model card, the results PR folder.
+
+The table puts our base and trained scores next to published MTEB figures with their source, so a
+reader sees at a glance what training bought and where that sits among known models. The model
+card carries mteb metadata (tags, model-index) and the results folder mirrors the public
+results repository (embeddings-benchmark/results), so submitting is a copy and a pull request.
+Nothing is uploaded unless the caller passes an explicit repository AND a token.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from embed.errors import ConfigError
+from embed.evaluation.mteb_eval import is_local_task, task_label
+from embed.io import save_figure
+
+# Published nDCG@10 x 100 on the MTEB tasks (test split), keyed by lower-case dataset name.
+PUBLISHED_SOURCE = "MTEB leaderboard results (embeddings-benchmark/results), as collected in ../shared/FIELD.md"
+PUBLISHED_MODELS = ["BM25s", "all-MiniLM-L6-v2", "bge-small-en-v1.5", "bge-base-en-v1.5",
+                    "e5-mistral-7b-instruct", "NV-Embed-v2"]
+PUBLISHED_NOTES = {"NV-Embed-v2": "not zero-shot (trained on these datasets' training splits)"}
+PUBLISHED_NDCG10 = {
+    "scifact": dict(zip(PUBLISHED_MODELS, [68.7, 64.5, 71.3, 74.4, 76.4, 80.1])),
+    "nfcorpus": dict(zip(PUBLISHED_MODELS, [32.1, 31.6, 34.3, 37.4, 38.6, 45.0])),
+}
+OFFICIAL_RESULTS_REPO = "https://github.com/embeddings-benchmark/results"
+
+
+def published_scores(dataset: str) -> dict[str, float]:
+    return PUBLISHED_NDCG10.get(dataset.lower(), {})
+
+
+def _pct(value: Optional[float]) -> str:
+    return "" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+# ---------------------------------------------------------------- table and charts
+# what training adds, as columns: (header, minuend role, subtrahend role)
+DELTAS = [("Δ", "trained", "base"), ("Δ vs untrained_hybrid", "trained", "untrained_hybrid")]
+
+
+def results_table(scores: dict[str, dict[str, float]], roles: dict[str, str], splits: dict[str, str]) -> str:
+    """Markdown table: one row per dataset, one column per evaluated model, deltas, published figures.
+
+    `scores` is {role: {dataset: main score (0-1)}}, `roles` is {role: model name}, in column order,
+    `splits` is {dataset: evaluated split(s)}. Each of `DELTAS` whose two roles were scored follows
+    them: trained - base, and trained - untrained_hybrid (what generation and training add to the
+    lexical channel alone).
+    """
+    datasets = list(dict.fromkeys(d for role in roles for d in scores.get(role, {})))
+    refs = [m for m in PUBLISHED_MODELS if any(m in published_scores(d) for d in datasets)]
+    deltas = [(header, a, b) for header, a, b in DELTAS if a in roles and b in roles]
+    header = ["dataset", "split", *roles, *[h for h, _, _ in deltas],
+              *[m + (" †" if m in PUBLISHED_NOTES else "") for m in refs]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for d in datasets:
+        row = [d, splits.get(d, ""), *[_pct(scores.get(role, {}).get(d)) for role in roles]]
+        for _, a, b in deltas:
+            high, low = scores[a].get(d), scores[b].get(d)
+            row.append("" if high is None or low is None else f"{100 * (high - low):+.2f}")
+        row += [f"{published_scores(d)[m]:.1f}" if m in published_scores(d) else "" for m in refs]
+        lines.append("| " + " | ".join(row) + " |")
+    notes = ["", "Main score x 100 (nDCG@10 for retrieval). " +
+             "; ".join(f"{role} = `{name}`" for role, name in roles.items()) + "."]
+    if refs:
+        notes.append(f"Published columns: {PUBLISHED_SOURCE}.")
+        notes += [f"† {m}: {PUBLISHED_NOTES[m]}." for m in refs if m in PUBLISHED_NOTES]
+    return "\n".join(lines + notes) + "\n"
+
+
+def bar_chart(scores: dict[str, dict[str, float]], roles: dict[str, str], path: str | Path) -> None:
+    """Grouped bars per dataset (our models), the trained - base delta written over each group,
+    published figures as black markers; the legend is one short row above the axes (the model
+    names are in results.md)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(d for role in roles for d in scores.get(role, {})))
+    width = 0.75 / max(len(roles), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(datasets) + 1.5), 4))
+    handles = []
+    for i, role in enumerate(roles):
+        xs = [j + (i - (len(roles) - 1) / 2) * width - 0.05 for j in range(len(datasets))]
+        values = [100 * scores.get(role, {}).get(d, float("nan")) for d in datasets]
+        bars = ax.bar(xs, values, width, label=role)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6)
+        handles.append(bars)
+    markers = "os^vDP"
+    for k, model in enumerate(PUBLISHED_MODELS):  # a column of markers right of each group of bars
+        points = [(j + 0.42, published_scores(d)[model]) for j, d in enumerate(datasets) if model in published_scores(d)]
+        if points:
+            handles.append(ax.scatter(*zip(*points), marker=markers[k % len(markers)], color="black", s=12,
+                                      zorder=3, label=model))
+    top = max([100 * v for by_d in scores.values() for v in by_d.values() if not math.isnan(v)] + [1.0])
+    if {"base", "trained"} <= set(roles):
+        for j, d in enumerate(datasets):
+            base, trained = scores["base"].get(d), scores["trained"].get(d)
+            if base is not None and trained is not None:
+                delta = 100 * (trained - base)
+                ax.text(j, 1.1 * top, f"Δ {delta:+.2f}", ha="center", fontsize=9, fontweight="bold",
+                        color="tab:green" if delta >= 0 else "tab:red")
+    ax.set_ylim(0, 1.22 * top)
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel("main score x 100 (nDCG@10)")
+    ax.legend(handles=handles, fontsize=6, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False,
+              handlelength=1.0, columnspacing=0.8)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
+
+
+def per_query_chart(per_query: dict[str, dict[str, dict[str, float]]], path: str | Path,
+                    before: str = "base", after: str = "trained") -> bool:
+    """Per dataset, each judged query's nDCG@10 change `before` -> `after`, sorted: how many queries
+    training helped or hurt, and by how much, which one mean hides. False (nothing written) when no
+    dataset has per-query scores of both roles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d, by_role in per_query.items() if {before, after} <= set(by_role)]
+    if not datasets:
+        return False
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(6, 2.6 * len(datasets)), squeeze=False)
+    for ax, d in zip(axes[:, 0], datasets):
+        old, new = per_query[d][before], per_query[d][after]
+        changes = sorted(100 * (new.get(q, 0.0) - old.get(q, 0.0)) for q in sorted(set(old) | set(new)))
+        colors = ["tab:red" if c < 0 else "tab:green" for c in changes]
+        ax.bar(range(len(changes)), changes, width=1.0, color=colors)
+        ax.axhline(0, color="black", linewidth=0.6)
+        up, down = sum(c > 0 for c in changes), sum(c < 0 for c in changes)
+        mean = sum(changes) / max(len(changes), 1)
+        ax.set_title(f"{d}: {up} queries better, {down} worse, {len(changes) - up - down} unchanged "
+                     f"(mean {mean:+.2f})", fontsize=9)
+        ax.set_ylabel(f"nDCG@10 x 100\n{after} - {before}", fontsize=8)
+        ax.set_xlabel("judged queries, sorted by change", fontsize=8)
+        ax.set_xlim(-0.5, max(len(changes), 1) - 0.5)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
+    return True
+
+
+# ---------------------------------------------------------------- model card
+def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, table: str, *,
+               load_path: str, settings, package_modules: tuple[str, ...] = ()) -> str:
+    """README.md for the trained model: hub metadata with an mteb model-index, usage and results.
+
+    `load_path`: what the usage snippet loads, the model folder (or the hub id it is pushed to).
+    `settings`: the model's EncoderSettings; the snippet applies its prompts and its two token
+    limits (sentence-transformers keeps one `max_seq_length`, so the snippet sets the query limit
+    before encoding queries, the document limit before documents).
+    `package_modules`: sentence-transformers module classes of this project (latent-attention head,
+    lexical channel). sentence-transformers imports such a class only with `trust_remote_code=True`;
+    the card says so and why, since the flag stays off everywhere else and a user must opt in knowingly."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    results = []
+    for task in tasks:
+        label = task_label(task)
+        metrics = scores.get(label)
+        if metrics is None:
+            continue
+        local = is_local_task(task)
+        results.append(EvalResult(
+            task_type="text-retrieval" if task.metadata.type == "Retrieval" else task.metadata.type,
+            task_name=task.metadata.type,
+            dataset_type=f"local/{label}" if local else task.metadata.dataset["path"],
+            dataset_name=f"{'BEIR folder' if local else 'MTEB'} {label}",
+            dataset_split=",".join(task.eval_splits), dataset_revision=task.metadata.revision,
+            metric_type=task.metadata.main_score, metric_value=round(100 * metrics["main_score"], 2),
+            source_name="MTEB", source_url="https://github.com/embeddings-benchmark/mteb"))
+    on_hub = "/" in base_name and not base_name.startswith("local/")
+    data = ModelCardData(model_name=name, base_model=base_name if on_hub else None,
+                         library_name="sentence-transformers", pipeline_tag="sentence-similarity",
+                         tags=["mteb", "sentence-transformers", "feature-extraction", "sentence-similarity"],
+                         eval_results=results or None)
+    trust = ", trust_remote_code=True" if package_modules else ""
+    usage_note = (f"This model uses `{', '.join(package_modules)}`, module class(es) of the "
+                  "mteb-domain-embeddings package: install it first. sentence-transformers imports a module "
+                  "class from outside its own package only with `trust_remote_code=True`, which also lets a "
+                  "backbone config run code it names (this model's `config.json` names none). The project's own "
+                  "loader, `embed.modeling.model.EmbeddingModel.from_pretrained`, needs no flag.\n\n") if package_modules else ""
+    usage = (
+        f"{usage_note}```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+        f"model = SentenceTransformer({json.dumps(load_path)}{trust})\n"
+        f"model.max_seq_length = {settings.query_max_length}  # the query token limit it was trained with\n"
+        'queries = model.encode(["..."], prompt_name="query")\n'
+        f"model.max_seq_length = {settings.max_length}  # the document token limit\n"
+        'documents = model.encode(["..."], prompt_name="document")\n'
+        "scores = model.similarity(queries, documents)\n```\n")
+    body = (f"# {name}\n\nAn embedding model fine-tuned contrastively from `{base_name}` with "
+            "mteb-domain-embeddings; the recipe it was trained with is saved in its run folder "
+            "(`train_config.yaml`).\n\n## Usage\n\nThe query and document prompts are saved with the model and "
+            f"applied by `prompt_name`:\n\n- query prompt: `{settings.query_prompt!r}`\n- document prompt: "
+            f"`{settings.document_prompt!r}`\n\n{usage}\n## Evaluation (mteb)\n\n{table}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").content  # no templating: prompts may hold braces
+
+
+# ---------------------------------------------------------------- results repository
+def prepare_submission(results_root: str | Path, model_name: str, revision: str, out_dir: str | Path,
+                       official_tasks: set[str]) -> list[Path]:
+    """Copy the model's results on official MTEB tasks into `out_dir` in the results-repo layout.
+
+    Local BEIR folders are not leaderboard tasks, so they are left out. Returns the copied files.
+    """
+    folder_name = model_name.replace("/", "__").replace(" ", "_")
+    src = Path(results_root) / "results" / folder_name / revision
+    dst = Path(out_dir) / "results" / folder_name / revision
+    files = [p for p in sorted(src.glob("*.json")) if p.stem in official_tasks]
+    if not files:
+        return []
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in files + [src / "model_meta.json"]:
+        shutil.copy2(path, dst / path.name)
+        copied.append(dst / path.name)
+    return copied
+
+
+def push_to_hub(model_dir: str | Path, repo_id: str, token: Optional[str]) -> str:
+    """Upload the model folder (weights, prompts, model card) to `repo_id`; needs an explicit token."""
+    if not token:
+        raise ConfigError("--push_to_hub needs a Hugging Face token in the HF_TOKEN environment variable")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(model_dir), repo_id=repo_id,
+                               commit_message="Upload model and mteb results card")
+    return commit.commit_url
