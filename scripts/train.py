@@ -31,7 +31,12 @@ from embed.cli import run_main
 from embed.config import parse_recipe, to_dict
 from embed.io import replace_dir_atomically, write_json_atomic
 from embed.modeling.model import load_from_config
-from embed.runtime import choose_precision, peak_rss_gb
+from embed.runtime import (
+    choose_precision,
+    on_terminal,
+    peak_rss_gb,
+    quiet_progress_off_terminal,
+)
 from embed.training.batching import collate_keys
 from embed.training.checkpoints import CheckpointManager, settings_mismatch
 from embed.training.loss import GradCache
@@ -53,6 +58,7 @@ from embed.training.stages import (
 def main():
     # ------------------------------------------------------------------ config
     cfg = parse_recipe("train", description=__doc__)
+    quiet_progress_off_terminal()
     tc, run_dir = cfg.train, Path(cfg.run_dir)
     settings = run_settings(cfg)
 
@@ -157,7 +163,7 @@ def main():
         accelerator.print(f"=== stage {plan.index + 1}/{len(plans)} '{stage.name}': {len(plan.examples)} examples, "
                           f"{plan.steps} steps, lr {stage.learning_rate:.2e}, in-batch negatives "
                           f"{'on' if stage.in_batch_negatives else 'off'}, {stage.num_negatives} hard negative(s)")
-        bar = tqdm(total=plan.steps, initial=step_in_stage, desc=stage.name, disable=not accelerator.is_main_process)
+        bar = tqdm(total=plan.steps, initial=step_in_stage, desc=stage.name, disable=not accelerator.is_main_process or not on_terminal())
         model.train()
         for groups in stage_batches(plan, global_batch, cfg.seed, start=step_in_stage):
             t0 = time.time()
