@@ -304,3 +304,23 @@ def pairs_from_beir(folder: str, split: str, skipped: Optional[Counter] = None) 
     return [TrainExample(query=j.text, query_id=j.query_id, pos_ids=[corpus.ids[r] for r in j.rows],
                          pos_texts=[corpus.doc_text(r) for r in j.rows], source=f"qrels:{qrels_path}")
             for j in judged]
+
+
+def read_beir_eval(folder: str, split: str) -> tuple[Corpus, dict[str, str], dict[str, dict[str, int]]]:
+    """(corpus, queries, qrels) of a BEIR folder as evaluation reads it: empty documents kept (qrels
+    may judge them, as in MTEB's tasks), and a judgement naming an unknown document or query is an
+    error naming the file, the line and the field."""
+    corpus = load_corpus(folder, keep_empty=True)
+    queries = load_queries(folder)
+    qrels = load_qrels(str(Path(resolve_data_path(folder)) / "qrels" / f"{split}.tsv"),
+                       corpus_ids=corpus.ids, query_ids=queries)
+    return corpus, queries, qrels
+
+
+def check_eval_folders(specs: list[str], split: str) -> None:
+    """Read every BEIR folder of `data.eval` now: the generation, mining and training stages call
+    this first, so a data problem that would stop evaluation is reported in their first seconds,
+    not after hours of work. MTEB task names are left to evaluation."""
+    for spec in specs:
+        if datasets.is_builtin(spec) or Path(spec).exists():
+            read_beir_eval(spec, split)

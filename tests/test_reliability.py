@@ -148,3 +148,14 @@ def test_train_row_scores_must_be_numbers(tmp_path, tiny_bert_dir, capsys, field
     path = recipe(tmp_path, beir(tmp_path, [GOOD_DOC]), tiny_bert_dir)
     assert_one_line_error(*run_script("train.py", [path, "--train.stages.0.data", f"[{data}]"], capsys),
                           "train.jsonl:2", f"field '{field}'", "finite numbers")
+
+
+@pytest.mark.parametrize("script", ["gen_vllm.py", "mine_faiss.py", "train.py"])
+def test_an_evaluation_data_problem_stops_the_first_stages_not_evaluation(tmp_path, tiny_bert_dir, capsys, script):
+    """A judgement of data.eval naming a document the corpus lacks: reported by every stage before
+    its work, as the one-line error evaluation would give hours later."""
+    data = beir(tmp_path, [GOOD_DOC])
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td404\t1\n")
+    code, err = run_script(script, [recipe(tmp_path, data, tiny_bert_dir)], capsys)
+    assert_one_line_error(code, err, "qrels/test.tsv:2", "field 'corpus-id'", "unknown id 'd404'")
+    assert not (tmp_path / "run" / "queries.jsonl").exists() and not (tmp_path / "run" / "model").exists()

@@ -34,7 +34,11 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
 from embed import datasets
-from embed.data import load_corpus, load_qrels, load_queries, resolve_data_path
+from embed.data import (
+    load_qrels,
+    read_beir_eval,
+    resolve_data_path,
+)
 from embed.errors import ConfigError, DataError
 
 # Hub names of the bundled aliases: results are filed (and compared with published ones) under them.
@@ -104,12 +108,10 @@ class LocalBEIRTask(AbsTaskRetrieval):
         """
         if self.data_loaded:
             return
-        corpus = load_corpus(str(self.folder), keep_empty=True)
+        corpus, queries, qrels = read_beir_eval(str(self.folder), self.split)
         if corpus.skipped["empty_text"]:
             print(f"warning: {corpus.source}: {corpus.skipped['empty_text']} document(s) with empty title and "
                   "text, evaluated as empty documents (as MTEB does)")
-        queries = load_queries(str(self.folder))
-        qrels = load_qrels(str(self.qrels_path), corpus_ids=corpus.ids, query_ids=queries)
         qids = [qid for qid in queries if qid in qrels]
         self.dataset = {"default": {self.split: {
             "corpus": Dataset.from_dict({"id": corpus.ids, "title": corpus.titles, "text": corpus.texts}),
