@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from embed.data import check_eval_folders
 from embed.errors import ConfigError
 from embed.io import write_text_atomic
 from embed.recipe import Recipe
@@ -355,6 +356,8 @@ def parse_recipe(stage: str, argv: list[str] | None = None, description: str = "
         print(format_help(Recipe, os.path.basename(sys.argv[0]), description or f"{stage} stage"))
         raise SystemExit(0)
     config = load_recipe(argv)
+    if stage != "eval":  # a data problem that would stop evaluation stops this stage now, not hours later
+        check_eval_folders(config.data.eval, config.data.eval_split)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, Path(config.run_dir) / f"{stage}_config.yaml")
     return config
@@ -377,6 +380,7 @@ def check_main() -> None:
         print(format_help(Recipe, "python -m embed.config", "Check a recipe and its overrides; write nothing."))
         return
     config = load_recipe(sys.argv[1:])
+    check_eval_folders(config.data.eval, config.data.eval_split)
     print(f"recipe ok: run_dir {config.run_dir}")
     print("stages: " + " ".join(pipeline_stages(config)))
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from embed.cli import run_main
 from embed.config import parse_recipe
-from embed.data import check_eval_folders, load_corpus
+from embed.data import load_corpus
 from embed.errors import ConfigError
 from embed.generation.cloze import cloze_pairs
 from embed.generation.filters import (
@@ -121,7 +121,6 @@ def main():
     # ------------------------------------------------------------------ config
     quiet_progress_off_terminal()
     cfg = parse_recipe("gen", description=__doc__)
-    check_eval_folders(cfg.data.eval, cfg.data.eval_split)  # a data problem that would stop evaluation: now
     gen, run_dir = cfg.gen, Path(cfg.run_dir)
     check_gen_config(gen)
     builder = PromptBuilder(template=gen.prompt_template, few_shot=gen.few_shot, max_words=max(gen.query_lengths),

@@ -25,7 +25,7 @@ import numpy as np
 
 from embed.cli import log_line, run_main
 from embed.config import parse_recipe
-from embed.data import check_eval_folders, load_corpus
+from embed.data import load_corpus
 from embed.errors import DataError
 from embed.io import read_jsonl, write_json_atomic
 from embed.mining.inputs import load_mining_queries, weight_rule_queries
@@ -53,7 +53,6 @@ from embed.runtime import (
 def main():
     # ------------------------------------------------------------------ config
     cfg = parse_recipe("mine", description=__doc__)
-    check_eval_folders(cfg.data.eval, cfg.data.eval_split)  # a data problem that would stop evaluation: now
     quiet_progress_off_terminal()
     mc, run_dir = cfg.mine, Path(cfg.run_dir)
     check_mine_config(mc)

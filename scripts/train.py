@@ -29,7 +29,6 @@ from transformers import get_scheduler
 
 from embed.cli import run_main
 from embed.config import parse_recipe, to_dict
-from embed.data import check_eval_folders
 from embed.io import replace_dir_atomically, write_json_atomic
 from embed.modeling.model import load_from_config
 from embed.runtime import (
@@ -59,7 +58,6 @@ from embed.training.stages import (
 def main():
     # ------------------------------------------------------------------ config
     cfg = parse_recipe("train", description=__doc__)
-    check_eval_folders(cfg.data.eval, cfg.data.eval_split)  # a data problem that would stop evaluation: now
     quiet_progress_off_terminal()
     tc, run_dir = cfg.train, Path(cfg.run_dir)
     settings = run_settings(cfg)

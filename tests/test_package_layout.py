@@ -13,8 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "embed"
 # lower layers never import higher ones; a module may import its own layer (no cycles, below)
 LAYERS = [
     {"errors", "io"},
-    {"runtime", "recipe", "config", "cli"},
+    {"runtime", "recipe", "cli"},
     {"data", "datasets"},
+    {"config"},  # parse_recipe reads data.eval's folders before a stage starts
     {"modeling"},
     {"retrieval"},
     {"generation"},

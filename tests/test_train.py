@@ -182,6 +182,20 @@ def without_dropout(model_dir, target):
     return target
 
 
+def uninterrupted_reference(tiny_bert_dir, tmp_path, steps):
+    """(dropout-free model, 48-row train.jsonl, run_dir of one process trained on the joined batch of
+    16 without interruption): what a multi-process run that was killed and resumed must end at."""
+    from tests.conftest import toy_train_rows, write_jsonl
+
+    model = without_dropout(tiny_bert_dir, tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", toy_train_rows(48, negatives=2))
+    single = tmp_path / "single"
+    out = subprocess.run(train_cmd(model, data, single, *steps, "--train.per_device_batch_size", "16"),
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return model, data, single
+
+
 DDP_LAUNCHER = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
 

@@ -12,14 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import toy_train_rows, write_jsonl
 from tests.test_train import (
     DDP_LAUNCHER,
     ENV,
     kill_tree,
     train_cmd,
+    uninterrupted_reference,
     weights,
-    without_dropout,
 )
 
 pytestmark = pytest.mark.slow
@@ -47,12 +46,7 @@ if os.environ.get("SLOW_RANK_SIGNAL"):
 
 
 def test_kill_while_a_rank_still_saves_resumes_exactly(tmp_path, tiny_bert_dir):
-    model = without_dropout(tiny_bert_dir, tmp_path / "model")
-    data = write_jsonl(tmp_path / "train.jsonl", toy_train_rows(48, negatives=2))
-    single = tmp_path / "single"
-    out = subprocess.run(train_cmd(model, data, single, *STEPS, "--train.per_device_batch_size", "16"),
-                         env=ENV, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    model, data, single = uninterrupted_reference(tiny_bert_dir, tmp_path, STEPS)
 
     hook = tmp_path / "hook"
     hook.mkdir()

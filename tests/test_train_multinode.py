@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import toy_train_rows, write_jsonl
-from tests.test_train import ENV, kill_tree, train_cmd, weights, without_dropout
+from tests.test_train import ENV, kill_tree, train_cmd, uninterrupted_reference, weights
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +31,7 @@ def machines(model, data, run_dir, port):
 
 
 def test_two_machines_train_checkpoint_and_resume(tmp_path, tiny_bert_dir):
-    model = without_dropout(tiny_bert_dir, tmp_path / "model")
-    data = write_jsonl(tmp_path / "train.jsonl", toy_train_rows(48, negatives=2))
-    single = tmp_path / "single"
-    out = subprocess.run(train_cmd(model, data, single, *STEPS, "--train.per_device_batch_size", "16"),
-                         env=ENV, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    model, data, single = uninterrupted_reference(tiny_bert_dir, tmp_path, STEPS)
 
     run_dir = tmp_path / "two_machines"
     procs = machines(model, data, run_dir, 29551)
