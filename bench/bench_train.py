@@ -71,7 +71,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from sentence_transformers.base.sampler import BatchSamplers
 from embed.data import read_train_set
-from embed.paths import resolve_model
+from embed.runtime import resolve_model
 rows = read_train_set({str(train_file)!r})
 ds = Dataset.from_dict({{"anchor": [r.query for r in rows], "positive": [r.pos_texts[0] for r in rows],
                          "negative": [r.neg_texts[0] for r in rows]}})

@@ -258,7 +258,7 @@ def test_malformed_input_is_one_line_error(tmp_path, tiny_teacher, beir, monkeyp
 # ---------------------------------------------------------------- kill mid-run, rerun
 KILLER = """
 import os, signal, sys, runpy
-from embed.mining import inputs as mining_inputs, output as mining_output
+from embed.mining import output as mining_output
 original, calls = mining_output.ResumableOutput.write, [0]
 def write_then_die(self, mined, corpus):
     calls[0] += 1
