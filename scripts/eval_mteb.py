@@ -14,8 +14,9 @@ Usage:
 every recipe key can be given too, e.g. `--model.matryoshka_dims "[16, 32]"`.
 
 Columns (embed/evaluation/comparison.py): `base` = the base model with its own saved settings;
-`trained` = run_dir/model; with a lexical channel also `trained_dense` (its dense half) and
-`untrained_hybrid` (base + the same channel, no training). Scores come from mteb's own evaluator
+`trained` = run_dir/model; with a lexical channel also `trained_dense` (its dense half),
+`untrained_hybrid` (base + the same channel, no training) and `sparse` (the lexical half exported
+as a SparseEncoder, run_dir/model/sparse: IDF over data.corpus, untrained). Scores come from mteb's own evaluator
 (a local task for BEIR folders), so they are the leaderboard's numbers. Outputs:
   run_dir/eval/results/<model>/<revision>/<task>.json  mteb's results layout; revision = fingerprint of
       the model's settings and outputs, so a rerun reuses finished results and a trained model never
@@ -66,7 +67,8 @@ from embed.evaluation.mteb_eval import (
     task_splits,
 )
 from embed.io import write_json_atomic, write_text_atomic
-from embed.modeling.model import package_modules
+from embed.modeling.model import package_modules, saved_lexical_channel
+from embed.modeling.sparse_export import DENSE_DIR, has_exported_halves
 from embed.recipe import Recipe
 from embed.runtime import peak_rss_gb, quiet_progress_off_terminal
 
@@ -151,9 +153,12 @@ def main():
     if one_model:
         return
     trained = result.identities["trained"]
+    channel = saved_lexical_channel(model_dir) if has_exported_halves(model_dir) else None
     card = model_card(trained["name"], result.names["base"], result.metrics["trained"], tasks, table,
                       load_path=flags.push_to_hub or str(model_dir), settings=result.settings["trained"],
-                      package_modules=package_modules(model_dir))
+                      package_modules=package_modules(model_dir),
+                      lexical_weight=channel.weight if channel is not None else None,
+                      dense_package_modules=package_modules(model_dir / DENSE_DIR))
     write_text_atomic(model_dir / "README.md", card)
     official = {t.metadata.name for t in tasks if not is_local_task(t)}
     copied = prepare_submission(eval_dir, trained["name"], trained["revision"], eval_dir / "submission", official)

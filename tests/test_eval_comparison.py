@@ -3,7 +3,8 @@
 One module-scoped run of the script (tiny random BERTs, the toy BEIR folder) is read by several
 tests: Matryoshka dims up to the full width, the base model under its own settings, the summary
 written once, the per-query chart, and the model card's usage snippet executed as printed. The
-lexical-channel run (four columns, two networks) is its own test, counting encoder passes.
+lexical-channel run (five columns, two networks) is another module-scoped run: its columns, counting
+encoder passes, and its model card's two snippets (one vector; dense + sparse) executed as printed.
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import make_tiny_bert
 from test_evaluation import TINY_BEIR, _load_script
 
 from embed.cli import run_main
 from embed.evaluation.mteb_eval import LocalBEIRTask, evaluate_beir, evaluate_model
-from embed.modeling.model import EmbeddingModel
+from embed.modeling.model import EmbeddingModel, EncoderSettings
 
 
 def _run(argv):
@@ -162,21 +164,26 @@ def test_model_card_snippet_runs_as_printed(trained_run):
 
 
 # ---------------------------------------------------------------- issues 17 / 18.10: a model with a lexical channel
-def test_lexical_channel_run_scores_four_columns_with_two_encoder_passes(tmp_path, monkeypatch):
-    """base | untrained_hybrid | trained | trained_dense: the untrained hybrid is the base model with
-    the same channel (IDF over data.corpus), and the corpus goes once through each of the two networks."""
+LEXICAL_WEIGHT = 0.5
+
+
+@pytest.fixture(scope="module")
+def channel_run(tmp_path_factory):
+    """A trained run whose model carries a lexical channel (IDF over the toy corpus), evaluated once;
+    records which networks encoded the whole corpus."""
     from embed.data import load_corpus
     from embed.modeling.lexical import fit_lexical_channel
 
-    base = make_tiny_bert(tmp_path / "base" / "model", seed=0)
-    run_dir = tmp_path / "run"
-    dense_dir = make_tiny_bert(tmp_path / "dense", seed=2)
+    root = tmp_path_factory.mktemp("channel_run")
+    base = make_tiny_bert(root / "base" / "model", seed=0)
+    run_dir = root / "run"
+    dense_dir = make_tiny_bert(root / "dense", seed=2)
     trained = EmbeddingModel.from_pretrained(str(dense_dir))
     corpus = load_corpus(str(TINY_BEIR))
     texts = [corpus.doc_text(i) for i in range(len(corpus))]
-    trained.lexical = fit_lexical_channel(trained, texts, dim=64, weight=0.5, seed=7)
+    trained.lexical = fit_lexical_channel(trained, texts, dim=64, weight=LEXICAL_WEIGHT, seed=7)
     trained.save_pretrained(run_dir / "model")
-    recipe = tmp_path / "recipe.yaml"
+    recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"run_dir": str(run_dir), "model": {"name_or_path": str(base)},
                                       "data": {"corpus": str(TINY_BEIR), "eval": [str(TINY_BEIR)]}}))
 
@@ -189,24 +196,107 @@ def test_lexical_channel_run_scores_four_columns_with_two_encoder_passes(tmp_pat
             corpus_passes.append(id(self.backbone))
         return encode(self, texts, kind=kind, **kwargs)
 
-    monkeypatch.setattr(EmbeddingModel, "encode", counting_encode)
-    _run([recipe])
-    monkeypatch.setattr(EmbeddingModel, "encode", encode)
-    assert len(corpus_passes) == 2 and len(set(corpus_passes)) == 2  # one pass per network, four columns
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EmbeddingModel, "encode", counting_encode)
+        _run([recipe])
+    return {"base": base, "run_dir": run_dir, "dense_dir": dense_dir, "texts": texts, "corpus_passes": corpus_passes}
+
+
+class _BinaryIdfByHand(torch.nn.Module):
+    """The sparse column's expectation, independent of the export: each distinct token of a text (cut
+    as the model cuts documents) weighs its IDF once, L2-normalised; no prompt."""
+
+    def __init__(self, model: EmbeddingModel):
+        super().__init__()
+        self.tokenizer, self.idf, self.max_length = model.tokenizer, model.lexical.idf.double().numpy(), model.settings.max_length
+        self.settings = EncoderSettings(max_length=self.max_length)
+        self.normalize, self.query_prompt, self.document_prompt = True, "", ""
+
+    def encode(self, texts, kind="document", batch_size=64, show_progress=False):
+        out = np.zeros((len(texts), len(self.idf)), dtype=np.float32)
+        for row, text in enumerate(texts):
+            ids = sorted(set(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]))
+            vector = np.zeros(len(self.idf))
+            vector[ids] = self.idf[ids]
+            out[row] = vector / max(np.linalg.norm(vector), 1e-12)
+        return out
+
+
+def test_lexical_channel_run_scores_five_columns_with_two_encoder_passes(channel_run):
+    """base | untrained_hybrid | trained | trained_dense | sparse: the untrained hybrid is the base model
+    with the same channel (IDF over data.corpus), the sparse column the exported lexical half (no network),
+    and the corpus goes once through each of the two networks."""
+    from embed.modeling.lexical import fit_lexical_channel
+
+    run_dir, base, texts = channel_run["run_dir"], channel_run["base"], channel_run["texts"]
+    corpus_passes = channel_run["corpus_passes"]
+    assert len(corpus_passes) == 2 and len(set(corpus_passes)) == 2  # one pass per network
 
     table = (run_dir / "eval" / "results.md").read_text()
-    assert "| dataset | split | base | untrained_hybrid | trained | trained_dense | Δ | Δ vs untrained_hybrid |" in table
-    ndcg = json.loads((run_dir / "eval_summary.json").read_text())["ndcg_at_10"]["tiny_beir"]
+    assert ("| dataset | split | base | untrained_hybrid | trained | trained_dense | sparse | Δ | Δ vs untrained_hybrid |"
+            in table)
+    assert "sparse = `local/run-sparse-half` (the lexical half exported with the model" in table
+    summary = json.loads((run_dir / "eval_summary.json").read_text())
+    ndcg = summary["ndcg_at_10"]["tiny_beir"]
     untrained = EmbeddingModel.from_pretrained(str(base))
-    untrained.lexical = fit_lexical_channel(untrained, texts, dim=64, weight=0.5, seed=7)
+    untrained.lexical = fit_lexical_channel(untrained, texts, dim=64, weight=LEXICAL_WEIGHT, seed=7)
+    trained = EmbeddingModel.from_pretrained(str(run_dir / "model"))  # the model with its channel, as saved
     expected = {
         "base": EmbeddingModel.from_pretrained(str(base)),
         "untrained_hybrid": untrained,
-        "trained": EmbeddingModel.from_pretrained(str(run_dir / "model")),  # the model with its channel, as saved
-        "trained_dense": EmbeddingModel.from_pretrained(str(dense_dir)),
+        "trained": trained,
+        "trained_dense": EmbeddingModel.from_pretrained(str(channel_run["dense_dir"])),
+        "sparse": _BinaryIdfByHand(trained),
     }
     for role, model in expected.items():
         assert ndcg[role] == pytest.approx(evaluate_beir(model, str(TINY_BEIR))["ndcg_at_10"], abs=1e-6), role
+    assert summary["models"]["sparse"]["settings_from"] == "exported with the model"
+    assert summary["models"]["sparse"]["query_prompt"] == ""
+
+
+def test_channel_model_card_shows_the_hybrid_and_dense_plus_sparse_snippets_that_run(channel_run):
+    """Two code blocks, each executed as printed: the one-vector model (trust_remote_code, this package's
+    channel module) and the two plain halves, whose fused score is (1 - w) dense cosine + w sparse dot."""
+    model_dir = channel_run["run_dir"] / "model"
+    card = (model_dir / "README.md").read_text()
+    hybrid_code, halves_code = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert f'SentenceTransformer("{model_dir}", trust_remote_code=True)' in hybrid_code
+    assert f'SentenceTransformer("{model_dir}/dense")' in halves_code
+    assert f'SparseEncoder("{model_dir}/sparse")' in halves_code
+    assert "trust_remote_code" not in halves_code and f"w = {LEXICAL_WEIGHT}" in halves_code
+
+    namespace: dict = {}
+    exec(compile(hybrid_code, "hybrid snippet", "exec"), namespace)
+    ours = EmbeddingModel.from_pretrained(str(model_dir))
+    np.testing.assert_allclose(namespace["queries"], ours.encode(["..."], kind="query"), atol=1e-5)
+
+    halves: dict = {}
+    exec(compile(halves_code, "dense + sparse snippet", "exec"), halves)
+    dense_of = {kind: ours.encode(["..."], kind=kind)[:, :32] / np.sqrt(1 - LEXICAL_WEIGHT) for kind in ("query", "document")}
+    np.testing.assert_allclose(halves["query_dense"], dense_of["query"], atol=1e-5)
+    np.testing.assert_allclose(halves["document_dense"], dense_of["document"], atol=1e-5)
+    by_hand = _BinaryIdfByHand(ours)
+    sparse_dot = by_hand.encode(["..."], kind="query") @ by_hand.encode(["..."]).T
+    assert sparse_dot[0, 0] > 0  # the text shares a token with itself: the sparse half counts
+    expected = (1 - LEXICAL_WEIGHT) * dense_of["query"] @ dense_of["document"].T + LEXICAL_WEIGHT * sparse_dot
+    np.testing.assert_allclose(halves["scores"].numpy(), expected, atol=1e-5)
+
+
+def test_dense_plus_sparse_card_for_a_hub_id_and_a_latent_attention_head():
+    """A hub id: the halves load from a local copy of the repository (sentence-transformers takes no
+    subfolder); a latent-attention dense half asks for the opt-in, the sparse half never does."""
+    from embed.evaluation.leaderboard import model_card
+    from embed.modeling.model import LATENT_ATTENTION_ST, LEXICAL_CHANNEL_ST
+
+    card = model_card("user/m", "base/m", {}, [], "", load_path="user/m", settings=EncoderSettings(),
+                      package_modules=(LATENT_ATTENTION_ST, LEXICAL_CHANNEL_ST), lexical_weight=0.25,
+                      dense_package_modules=(LATENT_ATTENTION_ST,))
+    halves_code = re.findall(r"```python\n(.*?)```", card, re.S)[1]
+    assert 'folder = snapshot_download("user/m")' in halves_code
+    assert 'SentenceTransformer(f"{folder}/dense", trust_remote_code=True)' in halves_code
+    assert 'SparseEncoder(f"{folder}/sparse")' in halves_code and "w = 0.25" in halves_code
+    plain = model_card("user/m", "base/m", {}, [], "", load_path="user/m", settings=EncoderSettings())
+    assert len(re.findall(r"```python", plain)) == 1 and "SparseEncoder" not in plain
 
 
 def test_hybrid_encoder_equals_the_model_carrying_the_channel(tmp_path):

@@ -6,6 +6,9 @@ Roles (columns of results.md, keys of eval_summary.json), for a trained run:
                     data.corpus), no generation and no training: what the channel alone gives
   trained           run_dir/model as saved, with its lexical channel if it has one
   trained_dense     the trained model's dense half alone, when it has a channel
+  sparse            the lexical half as exported with it (run_dir/model/sparse, a SparseEncoder:
+                    binary presence x IDF over data.corpus, embed.modeling.sparse_export); untrained,
+                    the same for the base and the trained model
 and `model` for a one-model run (`--model`). Roles on the same network form one `Network`: the
 dense half is encoded once and the hybrid appends the channel to it (encoders.HybridEncoder).
 """
@@ -23,6 +26,7 @@ from embed.errors import ConfigError
 from embed.evaluation.encoders import (
     CachedEncoder,
     HybridEncoder,
+    SparseAsDense,
     dense_view,
     load_as_published,
 )
@@ -37,9 +41,10 @@ from embed.evaluation.mteb_eval import (
 )
 from embed.modeling.lexical import fit_lexical_channel
 from embed.modeling.model import EmbeddingModel, load_from_config, saved_lexical_channel
+from embed.modeling.sparse_export import SPARSE_DIR, has_exported_halves
 from embed.runtime import on_terminal, resolve_model
 
-COLUMN_ORDER = ("model", "base", "untrained_hybrid", "trained", "trained_dense")
+COLUMN_ORDER = ("model", "base", "untrained_hybrid", "trained", "trained_dense", "sparse")
 PER_QUERY_ROLES = ("base", "trained")  # the per-query plot: what training changed, query by query
 
 
@@ -48,7 +53,7 @@ class Network:
     """One network, loaded once, and the roles scored with it: alone (`dense`) and with a lexical
     channel (`hybrid`, the channel built from the loaded model by `channel`)."""
 
-    load: Callable[[], tuple[EmbeddingModel, str]]  # the model, and where its settings came from
+    load: Callable[[], tuple[EmbeddingModel | SparseAsDense, str]]  # the model, and where its settings came from
     dense: Optional[str] = None
     hybrid: Optional[str] = None
     channel: Optional[Callable[[EmbeddingModel], torch.nn.Module]] = None
@@ -99,7 +104,12 @@ def plan_trained_run(cfg, model_dir: Path, trained_name: str, log=print) -> tupl
         log("untrained_hybrid not scored: data.corpus is empty (the lexical channel's IDF is fitted on it)")
     names["trained"] = trained_name
     names["trained_dense"] = f"{trained_name}-dense-half"
-    return [base, trained], names
+    if not has_exported_halves(model_dir):
+        log(f"sparse not scored: {model_dir} has no {SPARSE_DIR}/ (saved before the dense + sparse export)")
+        return [base, trained], names
+    sparse = Network(load=lambda: (SparseAsDense(model_dir / SPARSE_DIR), "exported with the model"), dense="sparse")
+    names["sparse"] = f"{trained_name}-sparse-half"
+    return [base, trained, sparse], names
 
 
 def untrained_channel(base: EmbeddingModel, corpus_spec: str, trained_channel, log=print):
@@ -148,7 +158,8 @@ def run_comparison(networks: list[Network], names: dict[str, str], tasks: list, 
     for net in networks:
         model, settings_from = net.load()
         model = model.to(device)
-        dense = CachedEncoder(dense_view(model))
+        # an exported SparseEncoder is one role alone: nothing to share, so nothing kept
+        dense = CachedEncoder(dense_view(model)) if isinstance(model, EmbeddingModel) else model
         encoders = {}
         if net.dense:
             encoders[net.dense] = dense
@@ -188,7 +199,8 @@ def run_comparison(networks: list[Network], names: dict[str, str], tasks: list, 
                 result.timings[role] = round(result.timings.get(role, 0.0) + time.time() - start, 1)
                 log(f"[{role}] {label}: nDCG@10 = {100 * metrics.get('ndcg_at_10', float('nan')):.2f} "
                     f"(main score {100 * metrics['main_score']:.2f})")
-            dense.clear()
+            if isinstance(dense, CachedEncoder):
+                dense.clear()
         del model, dense, encoders
         if device == "cuda":
             torch.cuda.empty_cache()

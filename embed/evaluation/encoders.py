@@ -9,6 +9,9 @@ scoring the base model and the untrained hybrid (base + the same channel).
 
 `load_as_published` loads the base model the way its publisher saved it, so the `base` column is
 the model a user would download, not the base model under this recipe's settings.
+
+`SparseAsDense` scores the exported sparse half (embed.modeling.sparse_export) through the same
+mteb path as the rest: mteb searches dense arrays, so its vectors come back vocabulary-sized.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch import nn
 from embed.modeling.model import (
     EXTRA_CONFIG,
     EmbeddingModel,
+    EncoderSettings,
     load_from_config,
     read_saved_settings,
 )
@@ -104,6 +108,38 @@ class HybridEncoder(_EncoderView):
             out[start:stop] = self.channel(torch.from_numpy(dense[start:stop]).to(device),
                                            features["input_ids"].to(device),
                                            features["lexical_mask"].to(device)).float().cpu().numpy()
+        return out
+
+
+class SparseAsDense(nn.Module):
+    """A saved SparseEncoder behind EmbeddingModel's `encode`: float32 rows of vocabulary size.
+
+    Dense on purpose: mteb's search multiplies dense arrays (SciFact's corpus is 5,183 x 30,522 x 4 B =
+    0.6 GB). Its `settings` describe it for the results' identity and revision: no prompt (the export
+    has none) and one token limit, special tokens counted as EncoderSettings counts them."""
+
+    def __init__(self, folder: str | Path):
+        super().__init__()
+        from sentence_transformers import SparseEncoder
+
+        self.sparse = SparseEncoder(str(folder), device="cpu")
+        limit = self.sparse.max_seq_length + self.sparse.tokenizer.num_special_tokens_to_add()
+        self.settings = EncoderSettings(pooling="sparse", normalize=True, max_length=limit,
+                                        query_max_length=limit, pool_prompt_tokens=False)
+
+    normalize = property(lambda self: self.settings.normalize)
+    query_prompt = property(lambda self: self.settings.query_prompt)
+    document_prompt = property(lambda self: self.settings.document_prompt)
+
+    @torch.inference_mode()
+    def encode(self, texts: Iterable[str], kind: str = "document", batch_size: int = 64,
+               show_progress: bool = False) -> np.ndarray:
+        texts = list(texts)
+        out = np.zeros((len(texts), self.sparse.get_embedding_dimension()), dtype=np.float32)
+        if texts:
+            encode = self.sparse.encode_query if kind == "query" else self.sparse.encode_document
+            rows = encode(texts, batch_size=batch_size, show_progress_bar=show_progress, save_to_cpu=True).coalesce()
+            out[tuple(rows.indices().numpy())] = rows.values().float().numpy()
         return out
 
 

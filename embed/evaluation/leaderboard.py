@@ -41,6 +41,9 @@ def _pct(value: Optional[float]) -> str:
 # ---------------------------------------------------------------- table and charts
 # what training adds, as columns: (header, minuend role, subtrahend role)
 DELTAS = [("Δ", "trained", "base"), ("Δ vs untrained_hybrid", "trained", "untrained_hybrid")]
+# what a column is, where its name does not say it
+ROLE_NOTES = {"sparse": "the lexical half exported with the model (`model/sparse`, a SparseEncoder): binary "
+                        "presence x IDF over data.corpus, untrained, the same for the base and the trained model"}
 
 
 def results_table(scores: dict[str, dict[str, float]], roles: dict[str, str], splits: dict[str, str]) -> str:
@@ -65,7 +68,8 @@ def results_table(scores: dict[str, dict[str, float]], roles: dict[str, str], sp
         row += [f"{published_scores(d)[m]:.1f}" if m in published_scores(d) else "" for m in refs]
         lines.append("| " + " | ".join(row) + " |")
     notes = ["", "Main score x 100 (nDCG@10 for retrieval). " +
-             "; ".join(f"{role} = `{name}`" for role, name in roles.items()) + "."]
+             "; ".join(f"{role} = `{name}`" + (f" ({ROLE_NOTES[role]})" if role in ROLE_NOTES else "")
+                       for role, name in roles.items()) + "."]
     if refs:
         notes.append(f"Published columns: {PUBLISHED_SOURCE}.")
         notes += [f"† {m}: {PUBLISHED_NOTES[m]}." for m in refs if m in PUBLISHED_NOTES]
@@ -146,7 +150,8 @@ def per_query_chart(per_query: dict[str, dict[str, dict[str, float]]], path: str
 
 # ---------------------------------------------------------------- model card
 def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, table: str, *,
-               load_path: str, settings, package_modules: tuple[str, ...] = ()) -> str:
+               load_path: str, settings, package_modules: tuple[str, ...] = (),
+               lexical_weight: Optional[float] = None, dense_package_modules: tuple[str, ...] = ()) -> str:
     """README.md for the trained model: hub metadata with an mteb model-index, usage and results.
 
     `load_path`: what the usage snippet loads, the model folder (or the hub id it is pushed to).
@@ -155,7 +160,11 @@ def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, 
     before encoding queries, the document limit before documents).
     `package_modules`: sentence-transformers module classes of this project (latent-attention head,
     lexical channel). sentence-transformers imports such a class only with `trust_remote_code=True`;
-    the card says so and why, since the flag stays off everywhere else and a user must opt in knowingly."""
+    the card says so and why, since the flag stays off everywhere else and a user must opt in knowingly.
+    `lexical_weight`: the lexical channel's weight w when the folder holds its two halves as plain folders
+    (`dense/`, `sparse/`, embed.modeling.sparse_export); the card then also shows them for a vector
+    database, dense + sparse fused as (1 - w) * dense cosine + w * sparse dot. `dense_package_modules`:
+    package modules of `dense/` (a latent-attention head), as `package_modules`."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     results = []
@@ -192,12 +201,50 @@ def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, 
         f"model.max_seq_length = {settings.max_length}  # the document token limit\n"
         'documents = model.encode(["..."], prompt_name="document")\n'
         "scores = model.similarity(queries, documents)\n```\n")
+    if lexical_weight is not None:
+        usage = ("### One vector: dense and lexical halves concatenated (what MTEB scores)\n\n" + usage +
+                 "\n" + _dense_sparse_usage(load_path, settings, lexical_weight, dense_package_modules))
     body = (f"# {name}\n\nAn embedding model fine-tuned contrastively from `{base_name}` with "
             "mteb-domain-embeddings; the recipe it was trained with is saved in its run folder "
             "(`train_config.yaml`).\n\n## Usage\n\nThe query and document prompts are saved with the model and "
             f"applied by `prompt_name`:\n\n- query prompt: `{settings.query_prompt!r}`\n- document prompt: "
             f"`{settings.document_prompt!r}`\n\n{usage}\n## Evaluation (mteb)\n\n{table}")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").content  # no templating: prompts may hold braces
+
+
+def _dense_sparse_usage(load_path: str, settings, weight: float, dense_package_modules: tuple[str, ...]) -> str:
+    """The card's second use: the exported halves in a vector database that stores a dense and a sparse
+    vector per document and fuses their scores."""
+    if Path(load_path).is_dir():
+        opening, dense_path, sparse_path = "", json.dumps(f"{load_path}/dense"), json.dumps(f"{load_path}/sparse")
+    else:  # a hub id: sentence-transformers loads a subfolder from a local copy
+        opening = f"from huggingface_hub import snapshot_download\n\nfolder = snapshot_download({json.dumps(load_path)})\n"
+        dense_path, sparse_path = 'f"{folder}/dense"', 'f"{folder}/sparse"'
+    trust = ", trust_remote_code=True" if dense_package_modules else ""
+    trust_note = (f" `dense/` uses `{', '.join(dense_package_modules)}` (see above): it needs this package and "
+                  "`trust_remote_code=True`; `sparse/` needs neither.") if dense_package_modules else (
+                  " Neither folder needs this package or `trust_remote_code`.")
+    return (
+        "### Two vectors: dense + sparse, for a vector database\n\n"
+        "The two halves are also saved as plain sentence-transformers folders inside this one: `dense/` (the "
+        "dense half, same prompts) and `sparse/`, a `SparseEncoder` giving one weight per vocabulary token "
+        "(the token's IDF over the domain corpus if the text holds it, L2-normalised; no prompt)." + trust_note +
+        f" Store both vectors and fuse the scores with the model's lexical weight w = {weight}: "
+        "`(1 - w) * dense_cosine + w * sparse_dot`. This is the one-vector model's score up to how the "
+        "lexical half counts: the sparse vector weighs a repeated token once and has no hashing collisions, "
+        "the one-vector model's lexical half counts repetitions (1 + log count) in hashed buckets.\n\n"
+        f"```python\n{opening}from sentence_transformers import SentenceTransformer, SparseEncoder\n\n"
+        f"dense = SentenceTransformer({dense_path}{trust})\n"
+        f"sparse = SparseEncoder({sparse_path})\n"
+        f"dense.max_seq_length = {settings.query_max_length}\n"
+        'query_dense = dense.encode(["..."], prompt_name="query")\n'
+        f"dense.max_seq_length = {settings.max_length}\n"
+        'document_dense = dense.encode(["..."], prompt_name="document")\n'
+        'query_sparse = sparse.encode_query(["..."])  # sparse tensors: the non-zero entries go to the database\n'
+        'document_sparse = sparse.encode_document(["..."])\n'
+        f"w = {weight}\n"
+        "scores = ((1 - w) * dense.similarity(query_dense, document_dense)\n"
+        "          + w * sparse.similarity(query_sparse, document_sparse))\n```\n")
 
 
 # ---------------------------------------------------------------- results repository

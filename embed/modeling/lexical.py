@@ -13,7 +13,8 @@ signed buckets so the vector stays dense and fixed-size whatever the vocabulary:
 
 The channel has no trainable weights; the dense half is trained as before. `LexicalChannelST`
 is the same thing as a sentence-transformers module (loading it takes trust_remote_code=True, as
-for the latent-attention head).
+for the latent-attention head). For a vector database, a saved model also holds both halves as
+plain folders, the lexical one as a standard SparseEncoder (embed.modeling.sparse_export).
 """
 from __future__ import annotations
 

@@ -281,7 +281,8 @@ class EmbeddingModel(nn.Module):
 
     # ------------------------------------------------------------ saving
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the sentence-transformers layout (weights as safetensors)."""
+        """Write the sentence-transformers layout (weights as safetensors); with a lexical channel, also
+        its dense and sparse halves as plain folders `dense/` and `sparse/` (embed.modeling.sparse_export)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(path)
@@ -319,6 +320,14 @@ class EmbeddingModel(nn.Module):
             "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine" if s.normalize else "dot",
             "model_type": "SentenceTransformer"}, indent=2))
         (path / EXTRA_CONFIG).write_text(json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
+        if self.lexical is not None:  # the two halves as plain folders, for a vector database (dense + sparse)
+            from embed.modeling.sparse_export import (
+                export_dense_half,
+                export_sparse_half,
+            )
+
+            export_dense_half(path)
+            export_sparse_half(path, self.tokenizer, self.lexical, s.max_length)
 
 
 def package_modules(folder: str | os.PathLike) -> tuple[str, ...]:
