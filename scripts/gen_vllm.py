@@ -36,6 +36,7 @@ from embed.generation.filters import (
     RANK_DEPTH,
     BM25RoundTrip,
     DenseRoundTrip,
+    ExampleProximity,
     FilterSettings,
     QueryFilter,
 )
@@ -80,16 +81,26 @@ def check_gen_config(gen) -> None:
                           "must be >= 0 and 'gen.top_p' in (0, 1]")
 
 
-def round_trip_retrievers(cfg, corpus, texts, log) -> list:
-    """BM25 and/or the base embedding model over the whole corpus, as `gen.round_trip` asks.
+def filter_settings(gen) -> FilterSettings:
+    return FilterSettings(gen.min_words, gen.max_words, gen.max_copy_overlap, gen.copy_ngram,
+                          gen.round_trip, gen.round_trip_k)
 
-    The model's corpus embeddings go to the same cache the mining stage uses (same model and
-    settings), so they are encoded once per pipeline.
+
+def query_filter(cfg, corpus, texts, log) -> QueryFilter:
+    """The filters of `gen`: text checks, the worked example's echoes, and the round trip (BM25 and/or
+    the base embedding model over the whole corpus, as `gen.round_trip` asks).
+
+    The base model also checks queries against the worked example (`ExampleProximity`) whenever the
+    prompt shows one, so it is loaded even for a BM25-only round trip. Its corpus embeddings go to
+    the same cache the mining stage uses (same model and settings), so they are encoded once per
+    pipeline.
     """
-    mode, retrievers = cfg.gen.round_trip, []
-    if mode in ("bm25", "both", "either"):
+    gen = cfg.gen
+    prompt_texts = example_texts() if gen.few_shot else []
+    retrievers, proximity = [], None
+    if gen.round_trip in ("bm25", "both", "either"):
         retrievers.append(BM25RoundTrip(texts))
-    if mode in ("model", "both", "either"):
+    if gen.round_trip in ("model", "both", "either") or prompt_texts:
         from embed.modeling.model import load_from_config
         from embed.retrieval.embedding_cache import corpus_embeddings, teacher_cache
         from embed.runtime import default_cache_root
@@ -98,10 +109,14 @@ def round_trip_retrievers(cfg, corpus, texts, log) -> list:
         cache = teacher_cache(model, cfg.model.name_or_path, cfg.model.dtype, corpus, texts,
                               default_cache_root(cfg.mine.cache_dir))
         emb, hit = corpus_embeddings(cache, texts, lambda chunk: model.encode(chunk, kind="document"), log=log)
-        log(f"round trip: base model {cfg.model.name_or_path}, corpus embeddings {emb.shape} "
+        log(f"filters: base model {cfg.model.name_or_path}, corpus embeddings {emb.shape} "
             f"({'cache hit' if hit else 'encoded'}: {cache.dir})")
-        retrievers.append(DenseRoundTrip(lambda qs: model.encode(qs, kind="query"), emb))
-    return retrievers
+        encode_queries = lambda qs: model.encode(qs, kind="query")  # noqa: E731
+        if gen.round_trip in ("model", "both", "either"):
+            retrievers.append(DenseRoundTrip(encode_queries, emb))
+        if prompt_texts:
+            proximity = ExampleProximity(encode_queries, emb, model.encode(prompt_texts, kind="document"))
+    return QueryFilter(filter_settings(gen), retrievers, prompt_texts=prompt_texts, example_proximity=proximity)
 
 
 def write_cloze_queries(path: Path, corpus, gen, seed: int) -> int:
@@ -139,11 +154,8 @@ def main():
 
     # ------------------------------------------------------------------ filters (round trip over the whole corpus)
     t = time.perf_counter()
-    settings = FilterSettings(gen.min_words, gen.max_words, gen.max_copy_overlap, gen.copy_ngram,
-                              gen.round_trip, gen.round_trip_k)
     if todo:
-        qfilter = QueryFilter(settings, round_trip_retrievers(cfg, corpus, texts, log),
-                              prompt_texts=example_texts() if gen.few_shot else ())
+        qfilter = query_filter(cfg, corpus, texts, log)
     timings["filters_setup"] = time.perf_counter() - t
 
     # ------------------------------------------------------------------ generator and task
@@ -185,7 +197,7 @@ def main():
     summary.update({
         "backend": gen.backend, "generator": gen.model, "seed": cfg.seed, "task": builder.task,
         "corpus": cfg.data.corpus, "corpus_documents": len(corpus), "corpus_skipped": dict(corpus.skipped),
-        "filters": dataclasses.asdict(settings), "throughput": throughput,
+        "filters": dataclasses.asdict(filter_settings(gen)), "throughput": throughput,
         "timings_s": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_gb": peak_rss_gb(),
     })
     write_json_atomic(run_dir / "gen_summary.json", summary)

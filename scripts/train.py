@@ -67,6 +67,8 @@ def main():
     trackers = [t for t in tc.report_to if t]
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
     on_cpu = not torch.cuda.is_available()
+    if on_cpu:  # DeepSpeed (imported by accelerate when installed) would warn on every run that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # On a CPU machine: cpu=True lets `accelerate launch --multi_gpu --num_processes 2` (torchrun) run
     # gloo processes (accelerate's own `--cpu --num_processes N` starts one process without MPI);
     # DeepSpeed instead needs cpu=False and the backend named, or every rank believes it is rank 0.

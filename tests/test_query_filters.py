@@ -9,6 +9,7 @@ from embed.generation.filters import (
     REASONS,
     BM25RoundTrip,
     DenseRoundTrip,
+    ExampleProximity,
     FilterSettings,
     QueryFilter,
     check_text,
@@ -142,6 +143,74 @@ def test_human_claims_rarely_look_like_echoes(scifact_dir):
     assert len(pairs) > 1000 and len(flagged) / len(pairs) < 0.01, flagged
 
 
+def test_a_query_closer_to_the_example_than_to_its_document_is_an_echo():
+    # 2-d stand-in embeddings: documents 0 and 1; the example at 45 degrees between the axes
+    corpus = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float16)
+    example = np.array([[0.7071, 0.7071]], dtype=np.float32)
+    vectors = {"about its document": [0.95, 0.31], "about the example": [0.31, 0.95]}
+    proximity = ExampleProximity(lambda qs: np.array([vectors[q] for q in qs], dtype=np.float32), corpus, example)
+    # cosine to document 0: 0.95 and 0.31; to the example: 0.89 both
+    assert proximity.closer_to_example(["about its document", "about the example"], [0, 0]) == [False, True]
+    assert proximity.closer_to_example(["about the example"], [1]) == [False]  # its document is closer still
+
+    class Ranks:  # the round trip only sees what passed the checks before it
+        name, asked = "bm25", []
+
+        def ranks(self, queries, rows):
+            self.asked.extend(queries)
+            return [1 for _ in queries]
+
+    retriever = Ranks()
+    qf = QueryFilter(FilterSettings(round_trip="bm25", round_trip_k=10), [retriever], example_proximity=proximity)
+    verdicts = qf.check([("a", 0), ("b", 0)], ["about its document", "about the example"], DOCS[:2], [0, 0])
+    assert [(v.kept, v.reason) for v in verdicts] == [(True, None), (False, "example_echo")]
+    assert retriever.asked == ["about its document"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from embed.modeling.model import EmbeddingModel
+
+    return EmbeddingModel.from_pretrained("minilm")
+
+
+def test_example_proximity_with_the_real_base_model(minilm):
+    """The demo's kept echo that shares no word with the example is caught; a claim about sleep
+    keeps passing against its own abstract (about sleep too)."""
+    from embed.generation.prompts import example_texts
+
+    model = minilm
+    docs = ["def _cleanup_tests():\n    import shutil\n    tmp = process.current_process()._config.get('tempdir')\n"
+            "    if tmp:\n        shutil.rmtree(tmp)\n    _run_finalizers()",
+            "Sleep deprivation impairs working memory in healthy young adults: after one night without sleep, "
+            "accuracy on an n-back task fell by a fifth, and recovered after one night of normal sleep."]
+    proximity = ExampleProximity(lambda qs: model.encode(qs, kind="query"), model.encode(docs, kind="document"),
+                                 model.encode(example_texts(), kind="document"))
+    queries = ["does testing with your own device improve your mental clarity", "clean up the temporary test directory",
+               "one night of sleep loss impairs working memory"]
+    assert proximity.closer_to_example(queries, [0, 0, 1]) == [True, False, False]
+
+
+def test_human_claims_are_closer_to_their_abstract_than_to_the_example(scifact_dir, minilm):
+    """The price of the proximity check on real queries: SciFact's first 150 judged test pairs (human
+    claims against their abstracts). All 339 flag 3 (0.9%: one about insomnia, two about
+    care delivery and statins); encoding them all costs minutes on 2 cores."""
+    from embed.data import load_corpus, load_qrels, load_queries
+    from embed.generation.prompts import example_texts
+
+    corpus, queries = load_corpus(str(scifact_dir)), load_queries(str(scifact_dir))
+    pairs = [(q, corpus.index[d]) for q, docs in load_qrels(str(scifact_dir / "qrels" / "test.tsv")).items()
+             for d, score in docs.items() if score > 0 and q in queries and d in corpus.index][:150]
+    model = minilm
+    rows = sorted({row for _, row in pairs})
+    emb = np.zeros((len(corpus), model.encode(["x"]).shape[1]), dtype=np.float32)
+    emb[rows] = model.encode([corpus.doc_text(r) for r in rows], kind="document")
+    proximity = ExampleProximity(lambda qs: model.encode(qs, kind="query"), emb,
+                                 model.encode(example_texts(), kind="document"))
+    flagged = proximity.closer_to_example([queries[q] for q, _ in pairs], [row for _, row in pairs])
+    assert len(pairs) == 150 and sum(flagged) <= 1, [queries[q] for (q, _), f in zip(pairs, flagged) if f]
+
+
 def test_the_generation_script_filters_with_the_prompts_worked_example():
     from embed.generation.prompts import example_texts
 
@@ -203,10 +272,8 @@ def test_dense_round_trip_exact_rank_in_chunks():
     assert dense.ranks(["q", "q", "q"], [0, 1, 2]) == [1, 2, 3]
 
 
-def test_dense_round_trip_with_the_real_base_model():
-    from embed.modeling.model import EmbeddingModel
-
-    model = EmbeddingModel.from_pretrained("minilm")
+def test_dense_round_trip_with_the_real_base_model(minilm):
+    model = minilm
     emb = model.encode(DOCS, kind="document")
     dense = DenseRoundTrip(lambda qs: model.encode(qs, kind="query"), emb)
     queries = ["can vitamin D strengthen bones in older women", "do solar tax credits increase installations"]

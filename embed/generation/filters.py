@@ -2,8 +2,9 @@
 
 Small generators write many unusable queries: empty or run-on answers, meta-text about the
 document ("This study investigates..."), sentences copied from the document (InPars drops
-these: they teach lexical matching only), echoes of the prompt's worked example (its topic,
-paired with a document about something else), the same query for many documents, and queries
+these: they teach lexical matching only), echoes of the prompt's worked example (its topic words
+paired with a document about something else, or a query the base model finds closer to the example
+than to its own document), the same query for many documents, and queries
 their own document does not answer. The last is the round-trip consistency filter of
 Promptagator / InPars: keep a query only if a retriever (BM25 and/or the base embedding
 model) ranks its source document in the top k.
@@ -211,6 +212,32 @@ class DenseRoundTrip:
         return [int(h) + 1 if h < RANK_DEPTH else None for h in higher]
 
 
+class ExampleProximity:
+    """Flags queries the base embedding model finds closer to the prompt's worked example than to
+    their own document: such a query is about the example, whatever words it uses.
+
+    The topic-word check (`example_echo`) misses a query that borrows the example's kind of claim
+    but none of its words: "does testing with your own device improve your mental clarity" for a
+    test-cleanup function shares no word with the walking-and-sleep example, yet scores 0.19 against
+    the example and 0.14 against its code under all-MiniLM-L6-v2. A query about its document is
+    closer to it than to an unrelated made-up study, so the comparison needs no threshold, and a
+    domain whose documents resemble the example (sleep studies) keeps its queries: their own
+    document is closer still.
+    """
+
+    def __init__(self, encode_queries: Callable[[list[str]], np.ndarray], corpus_emb: np.ndarray,
+                 example_emb: np.ndarray):
+        self.encode_queries = encode_queries
+        self.corpus_emb = corpus_emb
+        self.example_emb = np.asarray(example_emb, dtype=np.float32)  # [E, D]: the example's document and answers
+
+    def closer_to_example(self, queries: Sequence[str], doc_rows: Sequence[int]) -> list[bool]:
+        q = np.asarray(self.encode_queries(list(queries)), dtype=np.float32)  # [Q, D]
+        own = np.einsum("qd,qd->q", q, np.asarray(self.corpus_emb[np.asarray(doc_rows)], dtype=np.float32))
+        example = (q @ self.example_emb.T).max(axis=1)  # [Q]
+        return (example > own).tolist()
+
+
 def _rank_in(hits: np.ndarray, doc_row: int) -> Optional[int]:
     where = np.flatnonzero(hits == doc_row)
     return int(where[0]) + 1 if where.size else None
@@ -225,7 +252,10 @@ class QueryFilter:
     uninterrupted one (the kept rows already on disk are registered first).
     """
 
-    def __init__(self, settings: FilterSettings, retrievers: Sequence = (), prompt_texts: Sequence[str] = ()):
+    def __init__(self, settings: FilterSettings, retrievers: Sequence = (), prompt_texts: Sequence[str] = (),
+                 example_proximity: Optional[ExampleProximity] = None):
+        """`prompt_texts`: the worked example shown to the generator (its document, then its answers),
+        empty without one; `example_proximity`: the base model's check of queries against it."""
         if settings.round_trip != "none" and not retrievers:
             raise ValueError(f"round_trip={settings.round_trip} needs at least one retriever")
         if settings.round_trip_k > RANK_DEPTH:
@@ -233,6 +263,7 @@ class QueryFilter:
         self.settings = settings
         self.retrievers = list(retrievers)
         self.prompt_texts = list(prompt_texts)
+        self.example_proximity = example_proximity
         self._kept: dict[str, object] = {}
 
     def register_kept(self, query: str, key) -> None:
@@ -245,6 +276,12 @@ class QueryFilter:
         reasons = [check_text(q, d, self.settings, self.prompt_texts) for q, d in zip(queries, documents)]
         ranks = [{} for _ in queries]
         live = [i for i, r in enumerate(reasons) if r is None]
+        if live and self.example_proximity is not None:
+            closer = self.example_proximity.closer_to_example([queries[i] for i in live], [doc_rows[i] for i in live])
+            for i, echo in zip(live, closer):
+                if echo:
+                    reasons[i] = "example_echo"
+            live = [i for i in live if reasons[i] is None]
         if live:
             for retriever in self.retrievers:
                 found = retriever.ranks([queries[i] for i in live], [doc_rows[i] for i in live])
