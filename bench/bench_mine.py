@@ -67,7 +67,8 @@ class Clock:
 
 
 # ---------------------------------------------------------------- children: one measured job per process
-def child_ours(args) -> dict:
+def child_ours(args, overrides: tuple[str, ...] = ()) -> dict:
+    """scripts/mine_faiss.py in this process; `overrides` are extra recipe keys (`--mine.encode_precision fp32`)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("mine_faiss", ROOT / "scripts" / "mine_faiss.py")
@@ -76,7 +77,8 @@ def child_ours(args) -> dict:
     run_dir = Path(args.workdir) / args.name
     sys.argv = ["mine_faiss.py", str(RECIPE), "--run_dir", str(run_dir), "--data.corpus", args.data,
                 "--mine.cache_dir", str(Path(args.workdir) / "cache"), "--mine.num_negatives", str(args.num_negatives),
-                "--mine.relative_margin", str(args.relative_margin), "--mine.encode_batch_size", str(args.encode_batch_size)]
+                "--mine.relative_margin", str(args.relative_margin), "--mine.encode_batch_size", str(args.encode_batch_size),
+                *overrides]
     clock = Clock()
     script.main()
     measured = clock.stop()

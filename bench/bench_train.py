@@ -50,39 +50,57 @@ def build_training_set(data_dir: str, out: Path) -> Path:
     return out
 
 
+def ours_train_args(train_file: Path, steps: int, batch: int, run_dir: Path) -> list[str]:
+    """scripts/train.py's arguments for our side (bench/profile_like_for_like.py parses the same ones)."""
+    return ["--run_dir", str(run_dir), "--model.name_or_path", "minilm", "--model.max_length", "256",
+            "--train.stages.0.data", str(train_file), "--train.stages.0.num_negatives", "1",
+            "--train.per_device_batch_size", str(batch), "--train.max_steps", str(steps),
+            "--train.save_steps", "0", "--train.report_to", "[]", "--train.logging_steps", "1000"]
+
+
 def run_ours(train_file: Path, steps: int, batch: int, workdir: Path) -> float:
     run_dir = workdir / f"ours_{time.time_ns()}"
-    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--run_dir", str(run_dir),
-           "--model.name_or_path", "minilm", "--model.max_length", "256",
-           "--train.stages.0.data", str(train_file), "--train.stages.0.num_negatives", "1",
-           "--train.per_device_batch_size", str(batch), "--train.max_steps", str(steps),
-           "--train.save_steps", "0", "--train.report_to", "[]", "--train.logging_steps", "1000"]
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *ours_train_args(train_file, steps, batch, run_dir)]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     summary = json.loads((run_dir / "train_summary.json").read_text())
     return summary["train_samples_per_second"]
 
 
+def st_trainer(train_file: Path, steps: int, batch: int, output_dir: Path, bf16: bool = False):
+    """sentence-transformers' side: SentenceTransformerTrainer + MultipleNegativesRankingLoss (no-duplicates
+    sampler) on the same rows, model and batch (bench/profile_like_for_like.py builds the same one)."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import (
+        MultipleNegativesRankingLoss,
+    )
+
+    from embed.data import read_train_set
+    from embed.runtime import resolve_model
+
+    rows = read_train_set(str(train_file))
+    ds = Dataset.from_dict({"anchor": [r.query for r in rows], "positive": [r.pos_texts[0] for r in rows],
+                            "negative": [r.neg_texts[0] for r in rows]})
+    model = SentenceTransformer(resolve_model("minilm"), device="cpu")
+    model.max_seq_length = 256
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=batch, max_steps=steps, learning_rate=2e-5,
+        warmup_ratio=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none",
+        logging_steps=1000, use_cpu=True, dataloader_drop_last=True, seed=42, bf16=bf16)
+    return SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, loss=MultipleNegativesRankingLoss(model))
+
+
 def run_theirs(train_file: Path, steps: int, batch: int, workdir: Path, bf16: bool = False) -> float:
     code = f"""
 import json, time, sys
-sys.path.insert(0, {str(REPO)!r})
-from datasets import Dataset
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-from sentence_transformers.base.sampler import BatchSamplers
-from embed.data import read_train_set
-from embed.runtime import resolve_model
-rows = read_train_set({str(train_file)!r})
-ds = Dataset.from_dict({{"anchor": [r.query for r in rows], "positive": [r.pos_texts[0] for r in rows],
-                         "negative": [r.neg_texts[0] for r in rows]}})
-model = SentenceTransformer(resolve_model("minilm"), device="cpu")
-model.max_seq_length = 256
-args = SentenceTransformerTrainingArguments(output_dir={str(workdir / 'st')!r}, per_device_train_batch_size={batch},
-    max_steps={steps}, learning_rate=2e-5, warmup_ratio=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES,
-    save_strategy="no", report_to="none", logging_steps=1000, use_cpu=True, dataloader_drop_last=True, seed=42,
-    bf16={bf16})
-trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
-                                     loss=MultipleNegativesRankingLoss(model))
+sys.path.insert(0, {str(REPO / 'bench')!r})
+from bench_train import st_trainer
+trainer = st_trainer({str(train_file)!r}, {steps}, {batch}, {str(workdir / 'st')!r}, bf16={bf16})
 t0 = time.time(); trainer.train(); dt = time.time() - t0
 print(json.dumps({{"samples_per_second": {steps} * {batch} / dt}}))
 """
