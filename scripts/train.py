@@ -173,6 +173,7 @@ def main():
             loss = _train_step(accelerator, model, raw_model, loss_fn, local, stage, tc.gradcache_chunk_size)
             if tc.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step: the next one's)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -185,9 +186,9 @@ def main():
             if global_step % tc.logging_steps == 0 or step_in_stage == plan.steps:
                 sps = global_batch / max(time.time() - t0, 1e-9)
                 mem = (torch.cuda.max_memory_allocated() / 1e9) if torch.cuda.is_available() else peak_rss_gb()
-                accelerator.print(f"step {global_step} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | "
+                accelerator.print(f"step {global_step} | loss {loss:.4f} | lr {lr:.2e} | "
                                   f"samples/s {sps:.1f} | mem {mem:.2f} GB")
-                accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
+                accelerator.log({"train/loss": loss, "train/lr": lr}, step=global_step)
             if tc.eval_steps and global_step % tc.eval_steps == 0 and cfg.data.dev:
                 dev_metrics = _dev_eval(accelerator, raw_model, cfg, global_step)
             if (tc.save_steps and step_in_stage % tc.save_steps == 0) or step_in_stage == plan.steps:
