@@ -28,6 +28,7 @@ demo: install  ## the whole pipeline offline on CPU on the built-in stdlib code-
 
 bench:  ## CPU benchmarks; each prints JSON (see bench/README.md)
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_mine.py
 	$(PY) bench/bench_gen.py
 	$(PY) bench/bench_gradcache.py
