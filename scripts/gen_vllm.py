@@ -39,6 +39,7 @@ from embed.generation.filters import (
     ExampleProximity,
     FilterSettings,
     QueryFilter,
+    SharedQueryEncoder,
 )
 from embed.generation.generator import (
     QueryGenerator,
@@ -111,7 +112,7 @@ def query_filter(cfg, corpus, texts, log) -> QueryFilter:
         emb, hit = corpus_embeddings(cache, texts, lambda chunk: model.encode(chunk, kind="document"), log=log)
         log(f"filters: base model {cfg.model.name_or_path}, corpus embeddings {emb.shape} "
             f"({'cache hit' if hit else 'encoded'}: {cache.dir})")
-        encode_queries = lambda qs: model.encode(qs, kind="query")  # noqa: E731
+        encode_queries = SharedQueryEncoder(lambda qs: model.encode(qs, kind="query"))
         if gen.round_trip in ("model", "both", "either"):
             retrievers.append(DenseRoundTrip(encode_queries, emb))
         if prompt_texts:

@@ -12,6 +12,7 @@ from embed.generation.filters import (
     ExampleProximity,
     FilterSettings,
     QueryFilter,
+    SharedQueryEncoder,
     check_text,
     copy_overlap,
     example_echo,
@@ -172,6 +173,26 @@ def minilm():
     from embed.modeling.model import EmbeddingModel
 
     return EmbeddingModel.from_pretrained("minilm")
+
+
+def test_the_example_check_and_the_dense_round_trip_encode_each_query_once():
+    vectors = {"about its document": [0.95, 0.31], "about the example": [0.31, 0.95], "also its document": [0.9, 0.1]}
+    encoded = []
+
+    def encode(queries):
+        encoded.extend(queries)
+        return np.array([vectors[q] for q in queries], dtype=np.float32)
+
+    shared = SharedQueryEncoder(encode)
+    corpus = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float16)
+    proximity = ExampleProximity(shared, corpus, np.array([[0.7071, 0.7071]], dtype=np.float32))
+    qf = QueryFilter(FilterSettings(round_trip="model", round_trip_k=1), [DenseRoundTrip(shared, corpus)],
+                     example_proximity=proximity)
+    queries = ["about its document", "about the example", "also its document"]
+    verdicts = qf.check([("a", 0), ("b", 0), ("c", 0)], queries, DOCS[:3], [0, 0, 0])
+    assert [(v.kept, v.reason) for v in verdicts] == [(True, None), (False, "example_echo"), (True, None)]
+    assert encoded == queries  # the round trip reused the example check's embeddings
+    assert shared(["also its document"]).shape == (1, 2) and encoded == queries  # kept from the last call
 
 
 def test_example_proximity_with_the_real_base_model(minilm):

@@ -212,6 +212,29 @@ class DenseRoundTrip:
         return [int(h) + 1 if h < RANK_DEPTH else None for h in higher]
 
 
+class SharedQueryEncoder:
+    """The base model's query encoder, shared by the filters that use it.
+
+    Within one batch the example check encodes the queries that passed the text checks and the
+    dense round trip then encodes those it did not flag: the embeddings of the last call are kept,
+    so each query is encoded once. Only the last call's are kept: memory stays one batch."""
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray]):
+        self.encode = encode
+        self._last: dict[str, np.ndarray] = {}
+
+    def __call__(self, queries: Sequence[str]) -> np.ndarray:
+        queries = list(queries)
+        if not queries:
+            return self.encode(queries)
+        missing = [q for q in dict.fromkeys(queries) if q not in self._last]
+        table = {q: self._last[q] for q in queries if q in self._last}
+        if missing:
+            table.update(zip(missing, self.encode(missing)))
+        self._last = table
+        return np.stack([table[q] for q in queries])
+
+
 class ExampleProximity:
     """Flags queries the base embedding model finds closer to the prompt's worked example than to
     their own document: such a query is about the example, whatever words it uses.
