@@ -24,6 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def batch(rows: int, length: int) -> dict:
+    """Random token ids, no padding: the recipe's documents fill their 256 tokens."""
+    import torch
+
+    return {"input_ids": torch.randint(1000, 20000, (rows, length)),
+            "attention_mask": torch.ones(rows, length, dtype=torch.long)}
+
+
 def child(variant: str, steps: int) -> dict:
     import psutil
     import torch
@@ -41,10 +49,6 @@ def child(variant: str, steps: int) -> dict:
     out = {"variant": variant, "rss_loaded_gib": round(process.memory_info().rss / 2**30, 3), "step_seconds": []}
     model.train()
     for step in range(steps):
-        def batch(rows, length):
-            return {"input_ids": torch.randint(1000, 20000, (rows, length)),
-                    "attention_mask": torch.ones(rows, length, dtype=torch.long)}
-
         start = time.perf_counter()
         queries, documents = model(batch(32, 64)), model(batch(64, 256))
         if step == 0:
