@@ -59,7 +59,8 @@ class ModelConfig:
     latent_attention: LatentAttentionConfig = opt(LatentAttentionConfig(), "latent-attention pooling sizes")
     lora: LoraConfig = opt(LoraConfig(), "parameter-efficient fine-tuning")
     matryoshka_dims: list[int] = opt([], "train and evaluate at these truncated dimensions too")
-    lexical_weight: float = opt(0.0, "w > 0: add a lexical channel to the model (embed.modeling.lexical): hashed TF-IDF of its word pieces, IDF fitted on data.corpus, appended to the dense embedding so that cosine = (1 - w) dense + w lexical; train.lexical_aware says whether it is attached before or after training")
+    lexical_weight: float = opt(0.0, "w > 0: add a lexical channel to the model (embed.modeling.lexical), fitted on data.corpus and appended to the dense embedding so that the score is (1 - w) dense cosine + w lexical score; train.lexical_aware says whether it is attached before or after training")
+    lexical_scheme: Literal["bm25", "tfidf"] = opt("bm25", "the lexical channel's score: bm25 = BM25 of stemmed words over the query's best possible score (dot-product model); tfidf = cosine of word-piece TF-IDF (its lexical half also exported as a SparseEncoder)")
     lexical_dim: int = opt(4096, "hashed buckets of the lexical channel (its share of the embedding's dimensions)")
     lexical_weight_rule: Literal["fixed", "generated"] = opt("fixed", "how the lexical channel's weight is set: fixed = model.lexical_weight; generated = chosen by the mining stage from this domain's generated queries (embed.retrieval.channel_weight; 0 = no channel) and read by training from run_dir/mine_summary.json")
 

@@ -68,7 +68,7 @@ from embed.evaluation.mteb_eval import (
 )
 from embed.io import write_json_atomic, write_text_atomic
 from embed.modeling.model import package_modules, saved_lexical_channel
-from embed.modeling.sparse_export import DENSE_DIR, has_exported_halves
+from embed.modeling.sparse_export import DENSE_DIR, has_dense_half
 from embed.recipe import Recipe
 from embed.runtime import peak_rss_gb, quiet_progress_off_terminal
 
@@ -153,11 +153,11 @@ def main():
     if one_model:
         return
     trained = result.identities["trained"]
-    channel = saved_lexical_channel(model_dir) if has_exported_halves(model_dir) else None
+    channel = saved_lexical_channel(model_dir) if has_dense_half(model_dir) else None
     card = model_card(trained["name"], result.names["base"], result.metrics["trained"], tasks, table,
                       load_path=flags.push_to_hub or str(model_dir), settings=result.settings["trained"],
                       package_modules=package_modules(model_dir),
-                      lexical_weight=channel.weight if channel is not None else None,
+                      lexical=channel,
                       dense_package_modules=package_modules(model_dir / DENSE_DIR))
     write_text_atomic(model_dir / "README.md", card)
     official = {t.metadata.name for t in tasks if not is_local_task(t)}

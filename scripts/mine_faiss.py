@@ -154,7 +154,8 @@ def main():
         "timings_s": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_gb": peak_rss_gb(),
     })
     if weight_choice is not None:
-        summary["lexical_channel"] = {**dataclasses.asdict(weight_choice), "dim": cfg.model.lexical_dim,
+        summary["lexical_channel"] = {**dataclasses.asdict(weight_choice), "scheme": cfg.model.lexical_scheme,
+                                      "dim": cfg.model.lexical_dim,
                                       "rule": "embed.retrieval.channel_weight (generated queries)"}
     write_json_atomic(run_dir / "mine_summary.json", summary)
     teacher_label = teacher_name + (f" + BM25 x {mc.teacher_bm25_weight}" if mc.teacher_bm25_weight else "")
@@ -174,7 +175,8 @@ def choose_weight(cfg, model, corpus, texts, corpus_emb, encode):
     if not queries:
         raise DataError(f"{Path(cfg.run_dir) / 'queries.jsonl'}: no generated queries to choose the lexical weight on "
                         "(model.lexical_weight_rule: generated)")
-    channel = fit_lexical_channel(model, texts, cfg.model.lexical_dim, weight=0.5, seed=cfg.seed)
+    channel = fit_lexical_channel(model, texts, cfg.model.lexical_dim, weight=0.5, seed=cfg.seed,
+                                  scheme=cfg.model.lexical_scheme)
     dense = encode(queries, "query").astype(np.float32) @ np.asarray(corpus_emb, dtype=np.float32).T  # [Q, N]
     return choose_channel_weight(dense, lexical_scores(model, channel, queries, texts), np.asarray(rows))
 

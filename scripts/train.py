@@ -106,7 +106,7 @@ def main():
     weight, weight_source = channel_weight(cfg)
     if weight:  # fitted now (a corpus problem stops the run before training)
         lexical, n_docs = lexical_channel(cfg, raw_model, weight)
-        lexical_note = (f"lexical channel: IDF over {n_docs} documents of {cfg.data.corpus}, "
+        lexical_note = (f"lexical channel: {cfg.model.lexical_scheme} fitted on {n_docs} documents of {cfg.data.corpus}, "
                         f"{cfg.model.lexical_dim} buckets, weight {weight} ({weight_source})")
         if tc.lexical_aware:  # the dense half trains against the mixed score
             raw_model.lexical = lexical

@@ -125,6 +125,10 @@ def test_training_takes_the_weight_mining_chose_or_refuses_without_it(tmp_path):
     generated = parse_recipe("train", [*base, "--model.lexical_weight_rule", "generated"])
     with pytest.raises(ConfigError, match="mine_summary.json: no lexical channel choice"):
         channel_weight(generated)
-    (tmp_path / "mine_summary.json").write_text(json.dumps({"lexical_channel": {"weight": 0.0, "reason": "channel off: x"}}))
+    (tmp_path / "mine_summary.json").write_text(json.dumps({"lexical_channel": {"weight": 0.3, "reason": "x"}}))
+    with pytest.raises(ConfigError, match="chosen for model.lexical_scheme tfidf, this run trains bm25"):
+        channel_weight(generated)  # a summary without a scheme predates them: TF-IDF
+    (tmp_path / "mine_summary.json").write_text(json.dumps({"lexical_channel": {"weight": 0.0, "reason": "channel off: x",
+                                                                                "scheme": "bm25"}}))
     assert channel_weight(generated) == (0.0, f"chosen by mining ({tmp_path / 'mine_summary.json'}): channel off: x")
     assert run_settings(generated)["model.lexical_weight"] == 0.0  # a re-mined choice changes the fingerprint

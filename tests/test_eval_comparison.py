@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -289,14 +290,39 @@ def test_dense_plus_sparse_card_for_a_hub_id_and_a_latent_attention_head():
     from embed.modeling.model import LATENT_ATTENTION_ST, LEXICAL_CHANNEL_ST
 
     card = model_card("user/m", "base/m", {}, [], "", load_path="user/m", settings=EncoderSettings(),
-                      package_modules=(LATENT_ATTENTION_ST, LEXICAL_CHANNEL_ST), lexical_weight=0.25,
-                      dense_package_modules=(LATENT_ATTENTION_ST,))
+                      package_modules=(LATENT_ATTENTION_ST, LEXICAL_CHANNEL_ST),
+                      lexical=SimpleNamespace(scheme="tfidf", weight=0.25), dense_package_modules=(LATENT_ATTENTION_ST,))
     halves_code = re.findall(r"```python\n(.*?)```", card, re.S)[1]
     assert 'folder = snapshot_download("user/m")' in halves_code
     assert 'SentenceTransformer(f"{folder}/dense", trust_remote_code=True)' in halves_code
     assert 'SparseEncoder(f"{folder}/sparse")' in halves_code and "w = 0.25" in halves_code
     plain = model_card("user/m", "base/m", {}, [], "", load_path="user/m", settings=EncoderSettings())
     assert len(re.findall(r"```python", plain)) == 1 and "SparseEncoder" not in plain
+
+
+def test_bm25_model_card_shows_dense_plus_bm25_that_scores_as_the_one_vector(tmp_path, tiny_bert_dir):
+    """A BM25 channel's card: the one-vector snippet encodes with encode_query / encode_document, and the
+    second snippet (dense/ + bm25s), run on real texts, gives the one vector's dot product."""
+    from embed.evaluation.leaderboard import model_card
+    from embed.modeling.lexical import fit_lexical_channel
+    from embed.modeling.model import LEXICAL_CHANNEL_ST
+
+    documents = ["Zebrafish hearts regenerate after injury.", "Tax law of the river delta.",
+                 "Fin regeneration in adult zebrafish.", "Cell division in budding yeast."]
+    queries = ["zebrafish heart regeneration", "river law", "unknownword"]
+    model = EmbeddingModel.from_pretrained(str(tiny_bert_dir))
+    model.lexical = fit_lexical_channel(model, documents, dim=1 << 20, weight=0.4, scheme="bm25")
+    model.save_pretrained(tmp_path / "m")
+    card = model_card("local/m", "base/m", {}, [], "", load_path=str(tmp_path / "m"), settings=model.settings,
+                      package_modules=(LEXICAL_CHANNEL_ST,), lexical=model.lexical)
+    one_vector, halves = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert "encode_query" in one_vector and "SparseEncoder" not in halves and "w = 0.4" in halves
+    namespace: dict = {}
+    code = halves.replace('documents = ["..."]', f"documents = {documents!r}").replace('queries = ["..."]',
+                                                                                      f"queries = {queries!r}")
+    exec(compile(code, "dense + BM25 snippet", "exec"), namespace)
+    expected = model.encode(queries, kind="query") @ model.encode(documents, kind="document").T
+    np.testing.assert_allclose(namespace["scores"], expected, atol=1e-5)
 
 
 def test_hybrid_encoder_equals_the_model_carrying_the_channel(tmp_path):

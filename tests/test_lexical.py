@@ -1,4 +1,4 @@
-"""embed.modeling.lexical: the hashed TF-IDF channel appended to the dense embedding."""
+"""embed.modeling.lexical: the hashed lexical channel (TF-IDF or BM25) appended to the dense embedding."""
 import subprocess
 import sys
 
@@ -143,7 +143,84 @@ def test_training_with_lexical_weight_saves_the_channel_fitted_on_the_corpus(tmp
         assert model.lexical is not None and model.lexical.dim == 128 and model.lexical.weight == 0.5
         assert model.encode(["zebrafish"]).shape == (1, 32 + 128)
     for aware, stdout in outputs.items():
-        fitted, batch = stdout.index("lexical channel: IDF over 5 documents"), stdout.index("total train batch size")
+        fitted, batch = stdout.index("lexical channel: bm25 fitted on 5 documents"), stdout.index("total train batch size")
         assert (fitted < batch) == (aware == "true")
     a, b = (load_file(str(tmp_path / aware / "model" / "model.safetensors")) for aware in ("false", "true"))
     assert not np.allclose(a["embeddings.word_embeddings.weight"], b["embeddings.word_embeddings.weight"])
+
+
+# ---------------------------------------------------------------- the BM25 scheme
+ABSTRACTS = ["Zebrafish hearts regenerate after cardiac injury; regeneration needs fibroblasts.",
+             "Tax law of the river delta, and the law of rivers in general.",
+             "Zebrafish fins regrow: fin regeneration in adult zebrafish.",
+             "A study of cell division in budding yeast, cells dividing twice.",
+             "The heart of the matter is that matter matters."]
+QUERIES = ["does the zebrafish heart regenerate", "river tax law", "yeast cell division cycle", "unknownword"]
+
+
+def _bm25_by_hand(documents, queries, k1, b):
+    """BM25 from bm25s (Lucene's), over the best score the query could reach (its terms' IDF summed)."""
+    import bm25s
+    import Stemmer
+
+    stemmer = Stemmer.Stemmer("english")
+    tokens = bm25s.tokenize(documents, stopwords="en", stemmer=stemmer, show_progress=False)
+    retriever = bm25s.BM25(k1=k1, b=b)
+    retriever.index(tokens, show_progress=False)
+    df = np.zeros(len(tokens.vocab))
+    for ids in tokens.ids:
+        df[np.unique(ids)] += 1
+    idf = np.log(1 + (len(documents) - df + 0.5) / (df + 0.5))
+    out = np.zeros((len(queries), len(documents)))
+    for row, words in enumerate(bm25s.tokenize(queries, stopwords="en", stemmer=stemmer, return_ids=False,
+                                               show_progress=False)):
+        terms = sorted({w for w in words if w in tokens.vocab})
+        if terms:
+            out[row] = retriever.get_scores(terms) / idf[[tokens.vocab[t] for t in terms]].sum()
+    return out
+
+
+def test_bm25_channel_scores_are_bm25_over_the_query_bound(tiny_bert_dir):
+    """query . document of the lexical halves = bm25s' BM25 / the query's bound, on the text the model
+    reads (decoded token ids: lower-cased by this tokenizer), with buckets wide enough for no collision."""
+    model = EmbeddingModel.from_pretrained(str(tiny_bert_dir))
+    channel = fit_lexical_channel(model, ABSTRACTS, dim=1 << 20, weight=0.5, scheme="bm25")
+    assert channel.scheme == "bm25" and not channel.unit_norm
+
+    def halves(texts, kind):
+        f = model.tokenize(texts, kind=kind)
+        return channel.lexical(f["input_ids"], f["attention_mask"], torch.full((len(texts),), kind == "query"))
+
+    got = (halves(QUERIES, "query") @ halves(ABSTRACTS, "document").T).numpy()
+    expected = _bm25_by_hand([t.lower() for t in ABSTRACTS], QUERIES, channel.k1, channel.b)
+    assert expected[0].argmax() == 0 and expected[0, 2] > 0 and not expected[3].any()  # the oracle is not trivial
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got.max() <= 1.0
+
+
+def test_bm25_model_scores_by_dot_product_and_round_trips_through_sentence_transformers(tmp_path, tiny_bert_dir):
+    """Saved and loaded (our loader and sentence-transformers with the opt-in), a BM25 model gives the same
+    vectors; `encode_query` gets the query half, plain `encode` the document half; similarity is dot."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingModel.from_pretrained(str(tiny_bert_dir))
+    model.lexical = fit_lexical_channel(model, ABSTRACTS, dim=256, weight=0.4, scheme="bm25", seed=3)
+    assert model.similarity_fn_name == "dot"
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == "dot"
+    dense_config = json.loads((tmp_path / "m" / "dense" / "config_sentence_transformers.json").read_text())
+    assert dense_config["similarity_fn_name"] == "cosine" and not (tmp_path / "m" / "sparse").exists()
+
+    queries, documents = model.encode(QUERIES, kind="query"), model.encode(ABSTRACTS, kind="document")
+    assert not np.allclose(queries[:, 32:], model.encode(QUERIES, kind="document")[:, 32:])  # two sides differ
+    again = EmbeddingModel.from_pretrained(str(tmp_path / "m"))
+    np.testing.assert_allclose(again.encode(QUERIES, kind="query"), queries, atol=1e-6)
+    st = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
+    st.max_seq_length = 32
+    np.testing.assert_allclose(st.encode_query(QUERIES), queries, atol=1e-5)
+    st.max_seq_length = 64
+    np.testing.assert_allclose(st.encode_document(ABSTRACTS), documents, atol=1e-5)
+    np.testing.assert_allclose(st.encode(ABSTRACTS), documents, atol=1e-5)
+    np.testing.assert_allclose(st.similarity(queries, documents).numpy(), queries @ documents.T, atol=1e-5)

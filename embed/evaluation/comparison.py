@@ -2,13 +2,13 @@
 
 Roles (columns of results.md, keys of eval_summary.json), for a trained run:
   base              the base model as published: its own saved settings (encoders.load_as_published)
-  untrained_hybrid  base + the trained model's lexical channel (same size, weight and seed; IDF over
-                    data.corpus), no generation and no training: what the channel alone gives
+  untrained_hybrid  base + the trained model's lexical channel (same scheme, size, weight and seed;
+                    fitted on data.corpus), no generation and no training: what the channel alone gives
   trained           run_dir/model as saved, with its lexical channel if it has one
   trained_dense     the trained model's dense half alone, when it has a channel
-  sparse            the lexical half as exported with it (run_dir/model/sparse, a SparseEncoder:
-                    binary presence x IDF over data.corpus, embed.modeling.sparse_export); untrained,
-                    the same for the base and the trained model
+  sparse            a TF-IDF channel's lexical half as exported with it (run_dir/model/sparse, a
+                    SparseEncoder: binary presence x IDF over data.corpus, embed.modeling.sparse_export);
+                    untrained, the same for the base and the trained model
 and `model` for a one-model run (`--model`). Roles on the same network form one `Network`: the
 dense half is encoded once and the hybrid appends the channel to it (encoders.HybridEncoder).
 """
@@ -41,7 +41,7 @@ from embed.evaluation.mteb_eval import (
 )
 from embed.modeling.lexical import fit_lexical_channel
 from embed.modeling.model import EmbeddingModel, load_from_config, saved_lexical_channel
-from embed.modeling.sparse_export import SPARSE_DIR, has_exported_halves
+from embed.modeling.sparse_export import SPARSE_DIR, has_sparse_half
 from embed.runtime import on_terminal, resolve_model
 
 COLUMN_ORDER = ("model", "base", "untrained_hybrid", "trained", "trained_dense", "sparse")
@@ -104,8 +104,9 @@ def plan_trained_run(cfg, model_dir: Path, trained_name: str, log=print) -> tupl
         log("untrained_hybrid not scored: data.corpus is empty (the lexical channel's IDF is fitted on it)")
     names["trained"] = trained_name
     names["trained_dense"] = f"{trained_name}-dense-half"
-    if not has_exported_halves(model_dir):
-        log(f"sparse not scored: {model_dir} has no {SPARSE_DIR}/ (saved before the dense + sparse export)")
+    if not has_sparse_half(model_dir):
+        log(f"sparse not scored: {model_dir} has no {SPARSE_DIR}/ (a {channel.scheme} channel"
+            f"{': BM25 itself is its sparse form' if channel.scheme == 'bm25' else ', saved before the export'})")
         return [base, trained], names
     sparse = Network(load=lambda: (SparseAsDense(model_dir / SPARSE_DIR), "exported with the model"), dense="sparse")
     names["sparse"] = f"{trained_name}-sparse-half"
@@ -116,10 +117,10 @@ def untrained_channel(base: EmbeddingModel, corpus_spec: str, trained_channel, l
     """The trained model's channel rebuilt for the base model: same buckets, weight and seed, IDF over
     the corpus as the base model's tokenizer cuts it (what training fits, minus the training)."""
     corpus = load_corpus(corpus_spec)
-    log(f"untrained_hybrid: lexical channel of {trained_channel.dim} buckets, weight {trained_channel.weight}, "
+    log(f"untrained_hybrid: {trained_channel.scheme} lexical channel of {trained_channel.dim} buckets, weight {trained_channel.weight}, "
         f"IDF over {len(corpus)} documents of {corpus_spec}")
     return fit_lexical_channel(base, [corpus.doc_text(i) for i in range(len(corpus))], trained_channel.dim,
-                               trained_channel.weight, seed=trained_channel.seed)
+                               trained_channel.weight, seed=trained_channel.seed, scheme=trained_channel.scheme)
 
 
 def plan_one_model(cfg) -> tuple[list[Network], dict[str, str]]:

@@ -52,6 +52,7 @@ class _EncoderView(nn.Module):
 
     settings = property(lambda self: self.network.settings)
     normalize = property(lambda self: self.network.normalize)
+    similarity_fn_name = property(lambda self: self.network.similarity_fn_name)
     query_prompt = property(lambda self: self.network.query_prompt)
     document_prompt = property(lambda self: self.network.document_prompt)
 
@@ -106,8 +107,8 @@ class HybridEncoder(_EncoderView):
             stop = start + batch_size
             features = self.network.tokenize(texts[start:stop], kind=kind)
             out[start:stop] = self.channel(torch.from_numpy(dense[start:stop]).to(device),
-                                           features["input_ids"].to(device),
-                                           features["lexical_mask"].to(device)).float().cpu().numpy()
+                                           features["input_ids"].to(device), features["lexical_mask"].to(device),
+                                           features["lexical_query"].to(device)).float().cpu().numpy()
         return out
 
 
@@ -128,6 +129,7 @@ class SparseAsDense(nn.Module):
                                         query_max_length=limit, pool_prompt_tokens=False)
 
     normalize = property(lambda self: self.settings.normalize)
+    similarity_fn_name = "cosine"
     query_prompt = property(lambda self: self.settings.query_prompt)
     document_prompt = property(lambda self: self.settings.document_prompt)
 

@@ -151,7 +151,7 @@ def per_query_chart(per_query: dict[str, dict[str, dict[str, float]]], path: str
 # ---------------------------------------------------------------- model card
 def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, table: str, *,
                load_path: str, settings, package_modules: tuple[str, ...] = (),
-               lexical_weight: Optional[float] = None, dense_package_modules: tuple[str, ...] = ()) -> str:
+               lexical=None, dense_package_modules: tuple[str, ...] = ()) -> str:
     """README.md for the trained model: hub metadata with an mteb model-index, usage and results.
 
     `load_path`: what the usage snippet loads, the model folder (or the hub id it is pushed to).
@@ -161,10 +161,11 @@ def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, 
     `package_modules`: sentence-transformers module classes of this project (latent-attention head,
     lexical channel). sentence-transformers imports such a class only with `trust_remote_code=True`;
     the card says so and why, since the flag stays off everywhere else and a user must opt in knowingly.
-    `lexical_weight`: the lexical channel's weight w when the folder holds its two halves as plain folders
-    (`dense/`, `sparse/`, embed.modeling.sparse_export); the card then also shows them for a vector
-    database, dense + sparse fused as (1 - w) * dense cosine + w * sparse dot. `dense_package_modules`:
-    package modules of `dense/` (a latent-attention head), as `package_modules`."""
+    `lexical`: the model's lexical channel (embed.modeling.lexical) when the folder holds its halves as
+    plain folders (embed.modeling.sparse_export); the card then also shows them for a vector database:
+    `dense/` + `sparse/` fused as (1 - w) * dense cosine + w * sparse dot for a TF-IDF channel,
+    `dense/` + BM25 (bm25s) for a BM25 channel. `dense_package_modules`: package modules of `dense/`
+    (a latent-attention head), as `package_modules`."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     results = []
@@ -197,13 +198,18 @@ def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, 
         f"{usage_note}```python\nfrom sentence_transformers import SentenceTransformer\n\n"
         f"model = SentenceTransformer({json.dumps(load_path)}{trust})\n"
         f"model.max_seq_length = {settings.query_max_length}  # the query token limit it was trained with\n"
-        'queries = model.encode(["..."], prompt_name="query")\n'
+        'queries = model.encode_query(["..."])  # the query prompt\n'
         f"model.max_seq_length = {settings.max_length}  # the document token limit\n"
-        'documents = model.encode(["..."], prompt_name="document")\n'
+        'documents = model.encode_document(["..."])\n'
         "scores = model.similarity(queries, documents)\n```\n")
-    if lexical_weight is not None:
-        usage = ("### One vector: dense and lexical halves concatenated (what MTEB scores)\n\n" + usage +
-                 "\n" + _dense_sparse_usage(load_path, settings, lexical_weight, dense_package_modules))
+    if lexical is not None:
+        halves = (_dense_bm25_usage if lexical.scheme == "bm25" else _dense_sparse_usage)(
+            load_path, settings, lexical, dense_package_modules)
+        one_vector = ("### One vector: dense and lexical halves concatenated (what MTEB scores)\n\n" +
+                      ("A query and a document get different lexical halves: encode with `encode_query` and "
+                       "`encode_document` (plain `encode` encodes documents), and score by dot product (the "
+                       "model's `similarity`).\n\n" if lexical.scheme == "bm25" else ""))
+        usage = one_vector + usage + "\n" + halves
     body = (f"# {name}\n\nAn embedding model fine-tuned contrastively from `{base_name}` with "
             "mteb-domain-embeddings; the recipe it was trained with is saved in its run folder "
             "(`train_config.yaml`).\n\n## Usage\n\nThe query and document prompts are saved with the model and "
@@ -212,14 +218,62 @@ def model_card(name: str, base_name: str, scores: dict[str, dict], tasks: list, 
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").content  # no templating: prompts may hold braces
 
 
-def _dense_sparse_usage(load_path: str, settings, weight: float, dense_package_modules: tuple[str, ...]) -> str:
-    """The card's second use: the exported halves in a vector database that stores a dense and a sparse
-    vector per document and fuses their scores."""
+def _half_paths(load_path: str) -> tuple[str, str, str]:
+    """(opening lines, dense/ path, sparse/ path) as the snippet spells them: a folder's subfolders, or a
+    hub id's from a local copy (sentence-transformers takes no subfolder)."""
     if Path(load_path).is_dir():
-        opening, dense_path, sparse_path = "", json.dumps(f"{load_path}/dense"), json.dumps(f"{load_path}/sparse")
-    else:  # a hub id: sentence-transformers loads a subfolder from a local copy
-        opening = f"from huggingface_hub import snapshot_download\n\nfolder = snapshot_download({json.dumps(load_path)})\n"
-        dense_path, sparse_path = 'f"{folder}/dense"', 'f"{folder}/sparse"'
+        return "", json.dumps(f"{load_path}/dense"), json.dumps(f"{load_path}/sparse")
+    opening = f"from huggingface_hub import snapshot_download\n\nfolder = snapshot_download({json.dumps(load_path)})\n"
+    return opening, 'f"{folder}/dense"', 'f"{folder}/sparse"'
+
+
+def _dense_bm25_usage(load_path: str, settings, channel, dense_package_modules: tuple[str, ...]) -> str:
+    """The card's second use for a BM25 channel: the dense half in a vector database, BM25 from the
+    database's own BM25 (or bm25s, shown), fused as the one vector scores."""
+    opening, dense_path, _ = _half_paths(load_path)
+    trust = ", trust_remote_code=True" if dense_package_modules else ""
+    trust_note = (f" `dense/` uses `{', '.join(dense_package_modules)}` (see above): it needs this package and "
+                  "`trust_remote_code=True`.") if dense_package_modules else (
+                  " `dense/` needs neither this package nor `trust_remote_code`.")
+    return (
+        "### Dense + BM25, for a search engine with both\n\n"
+        "The dense half is also saved as a plain sentence-transformers folder, `dense/` (same prompts), and "
+        f"the lexical half is BM25 (Lucene's, k1 = {channel.k1}, b = {channel.b}, English stopwords and "
+        "Snowball stemmer, as bm25s tokenises) divided by the query's best possible score, the sum of its "
+        "terms' IDF: any engine with BM25 serves it." + trust_note +
+        f" Fuse with the model's lexical weight w = {channel.weight}: `(1 - w) * dense_cosine + w * bm25 / "
+        "bound`. This is the one-vector model's score up to hashing collisions and truncation (the model "
+        f"reads a document's first {settings.max_length} tokens).\n\n"
+        f"```python\n{opening}import bm25s\nimport numpy as np\nimport Stemmer\n"
+        "from sentence_transformers import SentenceTransformer\n\n"
+        'documents = ["..."]\nqueries = ["..."]\n'
+        f"dense = SentenceTransformer({dense_path}{trust})\n"
+        f"dense.max_seq_length = {settings.query_max_length}\n"
+        "query_dense = dense.encode_query(queries)\n"
+        f"dense.max_seq_length = {settings.max_length}\n"
+        "document_dense = dense.encode_document(documents)\n\n"
+        'stemmer = Stemmer.Stemmer("english")\n'
+        'corpus_tokens = bm25s.tokenize(documents, stopwords="en", stemmer=stemmer)\n'
+        f"bm25 = bm25s.BM25(k1={channel.k1}, b={channel.b})  # Lucene's BM25, bm25s' default\n"
+        "bm25.index(corpus_tokens)\n"
+        "document_frequency = np.zeros(len(corpus_tokens.vocab))\n"
+        "for ids in corpus_tokens.ids:\n"
+        "    document_frequency[np.unique(ids)] += 1\n"
+        "idf = np.log(1 + (len(documents) - document_frequency + 0.5) / (document_frequency + 0.5))\n"
+        "lexical = []\n"
+        'for words in bm25s.tokenize(queries, stopwords="en", stemmer=stemmer, return_ids=False):\n'
+        "    terms = sorted({w for w in words if w in corpus_tokens.vocab})  # each known term once\n"
+        "    bound = idf[[corpus_tokens.vocab[t] for t in terms]].sum()\n"
+        "    lexical.append(bm25.get_scores(terms) / bound if terms else np.zeros(len(documents)))\n"
+        f"w = {channel.weight}\n"
+        "scores = (1 - w) * dense.similarity(query_dense, document_dense).numpy() + w * np.array(lexical)\n```\n")
+
+
+def _dense_sparse_usage(load_path: str, settings, channel, dense_package_modules: tuple[str, ...]) -> str:
+    """The card's second use for a TF-IDF channel: the exported halves in a vector database that stores a
+    dense and a sparse vector per document and fuses their scores."""
+    weight = channel.weight
+    opening, dense_path, sparse_path = _half_paths(load_path)
     trust = ", trust_remote_code=True" if dense_package_modules else ""
     trust_note = (f" `dense/` uses `{', '.join(dense_package_modules)}` (see above): it needs this package and "
                   "`trust_remote_code=True`; `sparse/` needs neither.") if dense_package_modules else (
@@ -237,9 +291,9 @@ def _dense_sparse_usage(load_path: str, settings, weight: float, dense_package_m
         f"dense = SentenceTransformer({dense_path}{trust})\n"
         f"sparse = SparseEncoder({sparse_path})\n"
         f"dense.max_seq_length = {settings.query_max_length}\n"
-        'query_dense = dense.encode(["..."], prompt_name="query")\n'
+        'query_dense = dense.encode_query(["..."])\n'
         f"dense.max_seq_length = {settings.max_length}\n"
-        'document_dense = dense.encode(["..."], prompt_name="document")\n'
+        'document_dense = dense.encode_document(["..."])\n'
         'query_sparse = sparse.encode_query(["..."])  # sparse tensors: the non-zero entries go to the database\n'
         'document_sparse = sparse.encode_document(["..."])\n'
         f"w = {weight}\n"

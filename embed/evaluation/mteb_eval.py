@@ -244,7 +244,7 @@ def build_model_meta(model, name: str, revision: str, dim: Optional[int] = None)
         n_parameters=sum(p.numel() for p in model.parameters()),
         embed_dim=dim or embedding_dim(model),
         max_tokens=model.settings.max_length,
-        similarity_fn_name=ScoringFunction.COSINE if model.normalize else ScoringFunction.DOT_PRODUCT,
+        similarity_fn_name=ScoringFunction.COSINE if model.similarity_fn_name == "cosine" else ScoringFunction.DOT_PRODUCT,
         framework=["PyTorch", "Sentence Transformers"], open_weights=True,
         use_instructions=bool(model.query_prompt), modalities=["text"],
         experiment_kwargs={"dim": dim} if dim else None,

@@ -131,11 +131,11 @@ def read_saved_settings(folder: Path) -> tuple[EncoderSettings, Optional[tuple[s
 
 def saved_lexical_channel(folder: Path):
     """The lexical channel (embed.modeling.lexical) a saved model's modules.json names, else None."""
-    from embed.modeling.lexical import LexicalChannel
+    from embed.modeling.lexical import load_lexical_channel
 
     modules = read_modules(folder)
     dirs = [folder / m["path"] for m in modules if m["type"] == LEXICAL_CHANNEL_ST]
-    return LexicalChannel.load(dirs[0]) if dirs else None
+    return load_lexical_channel(dirs[0]) if dirs else None
 
 
 # ---------------------------------------------------------------- the model
@@ -153,6 +153,9 @@ class EmbeddingModel(nn.Module):
     query_prompt = property(lambda self: self.settings.query_prompt)
     document_prompt = property(lambda self: self.settings.document_prompt)
     normalize = property(lambda self: self.settings.normalize)
+    # what scores two embeddings: a cosine needs unit-norm vectors, which a BM25 channel's are not
+    similarity_fn_name = property(lambda self: "cosine" if self.settings.normalize and (
+        self.lexical is None or self.lexical.unit_norm) else "dot")
 
     @property
     def device(self) -> torch.device:
@@ -234,6 +237,8 @@ class EmbeddingModel(nn.Module):
         features["pooling_mask"] = attention_mask.clone() if self.settings.pool_prompt_tokens else content_mask
         if self.lexical is not None:  # a prompt's words are in every query: kept out of lexical matching
             features["lexical_mask"] = content_mask
+            # per row, so that chunking a batch by rows (GradCache) keeps it aligned
+            features["lexical_query"] = torch.full((attention_mask.shape[0],), kind == "query", dtype=torch.bool)
         return dict(features)
 
     # ------------------------------------------------------------ forward
@@ -249,7 +254,8 @@ class EmbeddingModel(nn.Module):
         if self.settings.normalize:
             embeddings = nn.functional.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
         if self.lexical is not None:
-            embeddings = self.lexical(embeddings, features["input_ids"], features.get("lexical_mask", features["attention_mask"]))
+            embeddings = self.lexical(embeddings, features["input_ids"], features.get("lexical_mask", features["attention_mask"]),
+                                      features.get("lexical_query"))
         return embeddings
 
     @torch.inference_mode()
@@ -317,17 +323,18 @@ class EmbeddingModel(nn.Module):
         (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": s.max_length, "do_lower_case": False}, indent=2))
         prompts = {"query": s.query_prompt, "document": s.document_prompt}
         (path / "config_sentence_transformers.json").write_text(json.dumps({
-            "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine" if s.normalize else "dot",
+            "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": self.similarity_fn_name,
             "model_type": "SentenceTransformer"}, indent=2))
         (path / EXTRA_CONFIG).write_text(json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
-        if self.lexical is not None:  # the two halves as plain folders, for a vector database (dense + sparse)
+        if self.lexical is not None:  # the halves as plain folders, for a vector database (dense + sparse)
             from embed.modeling.sparse_export import (
                 export_dense_half,
                 export_sparse_half,
             )
 
             export_dense_half(path)
-            export_sparse_half(path, self.tokenizer, self.lexical, s.max_length)
+            if self.lexical.scheme == "tfidf":  # BM25 is served by the database's own BM25 (see the card)
+                export_sparse_half(path, self.tokenizer, self.lexical, s.max_length)
 
 
 def package_modules(folder: str | os.PathLike) -> tuple[str, ...]:

@@ -1,5 +1,8 @@
 """The two halves of a model with a lexical channel, exported as plain sentence-transformers folders.
 
+(`sparse/` is written for a TF-IDF channel only: a BM25 channel's half is BM25 itself, which vector
+databases and bm25s compute natively, as the model card shows.)
+
 Why: the hybrid model (embed.modeling.lexical) is one vector [sqrt(1-w) dense ; sqrt(w) lexical],
 which MTEB scores as is but which needs this package (trust_remote_code=True) to load, and whose
 lexical half is a hashed, dense-stored 16k-dim block. Vector databases serve a dense vector and a
@@ -70,6 +73,13 @@ def export_dense_half(folder: Path) -> Path:
         if m["path"]:
             shutil.copytree(folder / m["path"], out / m["path"], copy_function=_link_or_copy)
     (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    settings = out / "config_sentence_transformers.json"
+    if settings.is_file() and any(m["type"].endswith("Normalize") for m in modules):
+        config = json.loads(settings.read_text())
+        if config.get("similarity_fn_name") != "cosine":  # a BM25 channel made the whole model's "dot"
+            config["similarity_fn_name"] = "cosine"
+            settings.unlink()  # a hard link to the main folder's file: write a file of its own
+            settings.write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -98,7 +108,11 @@ def export_sparse_half(folder: Path, tokenizer, channel: LexicalChannel, max_len
     return out
 
 
-def has_exported_halves(folder: str | os.PathLike) -> bool:
-    """True when a saved model folder holds both exports (models saved before them do not)."""
-    folder = Path(folder)
-    return (folder / DENSE_DIR / "modules.json").is_file() and (folder / SPARSE_DIR / "modules.json").is_file()
+def has_dense_half(folder: str | os.PathLike) -> bool:
+    """True when a saved model folder holds its dense half (models saved before the export do not)."""
+    return (Path(folder) / DENSE_DIR / "modules.json").is_file()
+
+
+def has_sparse_half(folder: str | os.PathLike) -> bool:
+    """True when a saved model folder holds its lexical half as a SparseEncoder (a TF-IDF channel's)."""
+    return (Path(folder) / SPARSE_DIR / "modules.json").is_file()

@@ -3,7 +3,7 @@
 The channel (embed.modeling.lexical) helps where queries and documents share rare words (claims
 and abstracts) and hurts where they do not (docstrings and code). Which case a domain is can be
 read off its own generated queries: each names the document it was written from, so ranking that
-document under the mixed score (1 - w) * cosine_dense + w * cosine_lexical measures w on this
+document under the mixed score (1 - w) * cosine_dense + w * lexical_score measures w on this
 domain, with no judgement and no test query.
 
 The queries used are every generated query that passed the text filters (copy, meta, example
@@ -47,7 +47,7 @@ def choose_channel_weight(dense: np.ndarray, lexical: np.ndarray, source_rows: n
                           z: float = 2.0) -> WeightChoice:
     """The grid weight with the best MRR@10 of generated queries' source documents, if above noise.
 
-    dense, lexical [Q, N]: each half's cosine of every query with every document.
+    dense, lexical [Q, N]: each half's score (cosine; lexical score in [0, 1]) of every query with every document.
     source_rows [Q]: each query's source document (row of the corpus).
     """
     if len(source_rows) == 0:
@@ -69,16 +69,17 @@ def choose_channel_weight(dense: np.ndarray, lexical: np.ndarray, source_rows: n
 
 
 def lexical_scores(model, channel, queries: list[str], documents: list[str], batch_size: int = 256) -> np.ndarray:
-    """[Q, N] cosine of the channel's lexical vectors, queries without their prompt (as the channel
-    sees them) and documents as the model cuts them; documents in blocks, so memory is O(Q x N)."""
+    """[Q, N] lexical scores of the channel (the dot product of its query and document vectors),
+    queries without their prompt (as the channel sees them) and documents as the model cuts them; documents in blocks, so memory is O(Q x N)."""
     import torch
 
     def vectors(texts, kind):
         out = []
         for start in range(0, len(texts), batch_size):
             features = model.tokenize(texts[start:start + batch_size], kind=kind, prompt="")
+            is_query = torch.full((len(features["input_ids"]),), kind == "query", dtype=torch.bool)
             with torch.no_grad():
-                out.append(channel.lexical(features["input_ids"], features["attention_mask"]))
+                out.append(channel.lexical(features["input_ids"], features["attention_mask"], is_query))
         return torch.cat(out)
 
     q = vectors(queries, "query")                                               # [Q, L]

@@ -167,10 +167,15 @@ def channel_weight(cfg) -> tuple[float, str]:
     path = Path(cfg.run_dir) / "mine_summary.json"
     try:
         choice = json.loads(path.read_text())["lexical_channel"]
-        return float(choice["weight"]), f"chosen by mining ({path}): {choice['reason']}"
+        weight = float(choice["weight"])
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{path}: no lexical channel choice (model.lexical_weight_rule: generated needs "
                           "scripts/mine_faiss.py run with the same rule first)") from None
+    scheme = choice.get("scheme", "tfidf")  # choices written before schemes existed were TF-IDF
+    if scheme != cfg.model.lexical_scheme:
+        raise ConfigError(f"{path}: the lexical weight was chosen for model.lexical_scheme {scheme}, this run "
+                          f"trains {cfg.model.lexical_scheme}: rerun scripts/mine_faiss.py with the same recipe")
+    return weight, f"chosen by mining ({path}): {choice['reason']}"
 
 
 def lexical_channel(cfg, model, weight: float):
@@ -182,7 +187,7 @@ def lexical_channel(cfg, model, weight: float):
 
     corpus = load_corpus(cfg.data.corpus)
     channel = fit_lexical_channel(model, [corpus.doc_text(i) for i in range(len(corpus))],
-                                  cfg.model.lexical_dim, weight, seed=cfg.seed)
+                                  cfg.model.lexical_dim, weight, seed=cfg.seed, scheme=cfg.model.lexical_scheme)
     return channel, len(corpus)
 
 
