@@ -129,7 +129,6 @@ class SparseAsDense(nn.Module):
                                         query_max_length=limit, pool_prompt_tokens=False)
 
     normalize = property(lambda self: self.settings.normalize)
-    similarity_fn_name = "cosine"
     query_prompt = property(lambda self: self.settings.query_prompt)
     document_prompt = property(lambda self: self.settings.document_prompt)
 

@@ -237,6 +237,12 @@ def embedding_dim(model) -> int:
     return int(model.encode(["dimension probe"], kind="document").shape[1])
 
 
+def similarity(model) -> str:
+    """"cosine" or "dot": the model's own (a BM25 channel makes a normalised model's vectors "dot"),
+    else cosine for normalised embeddings."""
+    return getattr(model, "similarity_fn_name", None) or ("cosine" if model.normalize else "dot")
+
+
 def build_model_meta(model, name: str, revision: str, dim: Optional[int] = None):
     """mteb's ModelMeta for our model: name, weight-fingerprint revision and what mteb records."""
     return ModelMeta.create_empty(overwrites=dict(
@@ -244,7 +250,7 @@ def build_model_meta(model, name: str, revision: str, dim: Optional[int] = None)
         n_parameters=sum(p.numel() for p in model.parameters()),
         embed_dim=dim or embedding_dim(model),
         max_tokens=model.settings.max_length,
-        similarity_fn_name=ScoringFunction.COSINE if model.similarity_fn_name == "cosine" else ScoringFunction.DOT_PRODUCT,
+        similarity_fn_name=ScoringFunction.COSINE if similarity(model) == "cosine" else ScoringFunction.DOT_PRODUCT,
         framework=["PyTorch", "Sentence Transformers"], open_weights=True,
         use_instructions=bool(model.query_prompt), modalities=["text"],
         experiment_kwargs={"dim": dim} if dim else None,

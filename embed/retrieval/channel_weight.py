@@ -69,8 +69,9 @@ def choose_channel_weight(dense: np.ndarray, lexical: np.ndarray, source_rows: n
 
 
 def lexical_scores(model, channel, queries: list[str], documents: list[str], batch_size: int = 256) -> np.ndarray:
-    """[Q, N] lexical scores of the channel (the dot product of its query and document vectors),
-    queries without their prompt (as the channel sees them) and documents as the model cuts them; documents in blocks, so memory is O(Q x N)."""
+    """[Q, N] lexical scores of the channel (the dot product of its query and document vectors), queries
+    without their prompt (as the channel sees them) and documents as the model cuts them; documents in
+    blocks, so memory is O(Q x N)."""
     import torch
 
     def vectors(texts, kind):
