@@ -105,8 +105,11 @@ def test_plan_is_seeded_and_rotates_query_types(corpus_dir):
     assert units != plan_units(corpus, 5, 2, types, [8, 24], seed=4)
     assert len(units) == 10 and len({u.doc_id for u in units}) == 5
     assert [u.sample for u in units[:4]] == [0, 1, 0, 1]
-    assert [(u.query_type, u.word_limit) for u in units[:7]] == [
-        ("claim", 8), ("question", 8), ("keywords", 8), ("claim", 24), ("question", 24), ("keywords", 24), ("claim", 8)]
+    # a document's samples share one prompt (one prefill); types rotate over documents, lengths over rounds
+    assert [(u.query_type, u.word_limit) for u in units[::2]] == [
+        ("claim", 8), ("question", 8), ("keywords", 8), ("claim", 24), ("question", 24)]
+    assert all(units[i].query_type == units[i + 1].query_type and units[i].word_limit == units[i + 1].word_limit
+               for i in range(0, 10, 2))
     assert len(plan_units(corpus, 0, 1, ["claim"], [24], seed=0)) == len(corpus)  # 0 = all documents
     assert plan_units(corpus, 8, 1, types, [24], seed=3)[:5] == plan_units(corpus, 5, 1, types, [24], seed=3)
     assert block_seed(1, 2, 0) != block_seed(1, 2, 1) != block_seed(1, 3, 0)
@@ -605,3 +608,25 @@ def test_cloze_file_is_written_once_and_left_alone_when_unchanged(tmp_path):
     time.sleep(0.01)
     assert module.write_cloze_queries(path, load_corpus(str(folder)), gen, seed=0) == 1
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_answer_as_if_alone(tiny_generator):
+    """Equal prompts in one call are prefilled once (the model sees each distinct prompt's tokens once)
+    and each gets its own answer: greedy, the answer the prompt gets alone."""
+    backend = TransformersBackend(str(tiny_generator), Sampling(max_new_tokens=6, temperature=0.0, top_p=1.0))
+    builder = PromptBuilder(max_doc_words=40)
+    a, b = builder.build("short document about bones", "claim"), builder.build(" ".join(TOPICS), "claim")
+    alone = {id(p): backend.generate([p], seed=0)[0] for p in (a, b)}
+    widths = []
+    hook = backend.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        answers = backend.generate([a, b, a, a, b], seed=0)
+    finally:
+        hook.remove()
+    assert answers == [alone[id(p)] for p in (a, b, a, a, b)]
+    prefill = [w for w in widths if w[1] > 1]
+    assert len(prefill) == 1 and prefill[0][0] == 2  # two distinct prompts, one prefill of both
+    sampler = TransformersBackend(str(tiny_generator), Sampling(max_new_tokens=6, temperature=1.0, top_p=1.0))
+    samples = sampler.generate([a] * 6, seed=1)
+    assert len(set(samples)) > 1 and samples == sampler.generate([a] * 6, seed=1)

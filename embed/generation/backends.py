@@ -146,20 +146,50 @@ class TransformersBackend:
             cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), layer_idx)
         return cache
 
+    def _prefill_once(self, input_ids, mask, cache, rows):
+        """The cache of every prompt but its last token, computed once per distinct prompt and copied to
+        each of its `rows`. k samples of one document cost one prefill of it: on a CPU the prefill of a
+        document is about half of a batch's time (bench/README.md, bench_gen.py)."""
+        import torch
+        from transformers import StaticCache
+
+        cached, length = cache.get_seq_length(), input_ids.shape[1] - 1
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            self.model(input_ids=input_ids[:, cached:length], attention_mask=mask[:, :length], use_cache=True,
+                       position_ids=positions[:, cached:length], cache_position=torch.arange(cached, length, device=mask.device),
+                       **{self._cache_kwarg: cache})
+        index = torch.tensor(rows, device=input_ids.device)
+        copied = StaticCache(config=self.model.config, max_cache_len=input_ids.shape[1] + self.sampling.max_new_tokens)
+        for layer_idx, layer in enumerate(cache.layers):
+            copied.update(layer.keys[index, :, :length], layer.values[index, :, :length], layer_idx)
+        return copied
+
     def _generate_group(self, prefix: str, suffixes: list[str], seed: int, temperature: float) -> list[str]:
         """Left-padded batch generation; with a prefix, its cache is reused and padding sits between
-        prefix and suffix (position ids come from the attention mask, so the math is unchanged)."""
+        prefix and suffix (position ids come from the attention mask, so the math is unchanged). Equal
+        suffixes (several samples of one prompt) are prefilled once and sampled separately."""
         import torch
 
-        enc = self.tokenizer(suffixes, return_tensors="pt", padding=True, add_special_tokens=False,
+        distinct = list(dict.fromkeys(suffixes))
+        rows = [distinct.index(s) for s in suffixes]
+        enc = self.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False,
                              return_token_type_ids=False).to(self.device)
         input_ids, mask, kwargs = enc["input_ids"], enc["attention_mask"], {}
+        batch = len(distinct)
         if prefix:
             prefix_ids, prefix_cache = self._prefix(prefix)
-            batch = len(suffixes)
             input_ids = torch.cat([prefix_ids.expand(batch, -1), input_ids], dim=1)
             mask = torch.cat([torch.ones(batch, prefix_ids.shape[1], dtype=mask.dtype, device=mask.device), mask], dim=1)
             kwargs[self._cache_kwarg] = self._static_cache(prefix_cache, batch, input_ids.shape[1] + self.sampling.max_new_tokens)
+        if len(distinct) < len(suffixes):
+            if not prefix:
+                from transformers import StaticCache
+
+                kwargs[self._cache_kwarg] = StaticCache(config=self.model.config,
+                                                        max_cache_len=input_ids.shape[1] + self.sampling.max_new_tokens)
+            kwargs[self._cache_kwarg] = self._prefill_once(input_ids, mask, kwargs[self._cache_kwarg], rows)
+            input_ids, mask = input_ids[rows], mask[rows]
         sample = temperature > 0
         torch.manual_seed(seed)
         with torch.inference_mode():

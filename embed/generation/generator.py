@@ -63,16 +63,17 @@ def row_key(row: dict) -> tuple[str, int]:
 def plan_units(corpus: Corpus, max_docs: int, queries_per_doc: int, query_types: Sequence[str],
                word_limits: Sequence[int], seed: int) -> list[Unit]:
     """A seeded random order of documents (the first `max_docs` of it); query types rotate over
-    units, and word limits rotate over each round of types, so every type gets every length."""
+    documents, and word limits over each round of types, so every type gets every length. A
+    document's `queries_per_doc` samples share one prompt, so the backend prefills the document once
+    and samples it k times (TransformersBackend; vLLM's prefix cache does the same)."""
     order = np.random.default_rng(seed).permutation(len(corpus))
     if max_docs > 0:
         order = order[:max_docs]
     units = []
     for position, row in enumerate(order.tolist()):
-        for sample in range(queries_per_doc):
-            n = position * queries_per_doc + sample
-            qtype = query_types[n % len(query_types)]
-            units.append(Unit(row, corpus.ids[row], sample, qtype, word_limits[(n // len(query_types)) % len(word_limits)]))
+        qtype = query_types[position % len(query_types)]
+        limit = word_limits[(position // len(query_types)) % len(word_limits)]
+        units.extend(Unit(row, corpus.ids[row], sample, qtype, limit) for sample in range(queries_per_doc))
     return units
 
 
