@@ -227,14 +227,21 @@ def _half_paths(load_path: str) -> tuple[str, str, str]:
     return opening, 'f"{folder}/dense"', 'f"{folder}/sparse"'
 
 
+def _dense_trust(dense_package_modules: tuple[str, ...], needs_ending: str, plain_note: str) -> tuple[str, str]:
+    """(the loading argument, the card's sentence) for `dense/`: a package module (latent-attention head)
+    needs this package and the opt-in; otherwise `plain_note`."""
+    if not dense_package_modules:
+        return "", plain_note
+    return ", trust_remote_code=True", (f" `dense/` uses `{', '.join(dense_package_modules)}` (see above): it needs "
+                                        f"this package and `trust_remote_code=True`{needs_ending}")
+
+
 def _dense_bm25_usage(load_path: str, settings, channel, dense_package_modules: tuple[str, ...]) -> str:
     """The card's second use for a BM25 channel: the dense half in a vector database, BM25 from the
     database's own BM25 (or bm25s, shown), fused as the one vector scores."""
     opening, dense_path, _ = _half_paths(load_path)
-    trust = ", trust_remote_code=True" if dense_package_modules else ""
-    trust_note = (f" `dense/` uses `{', '.join(dense_package_modules)}` (see above): it needs this package and "
-                  "`trust_remote_code=True`.") if dense_package_modules else (
-                  " `dense/` needs neither this package nor `trust_remote_code`.")
+    trust, trust_note = _dense_trust(dense_package_modules, ".", " `dense/` needs neither this package nor "
+                                     "`trust_remote_code`.")
     return (
         "### Dense + BM25, for a search engine with both\n\n"
         "The dense half is also saved as a plain sentence-transformers folder, `dense/` (same prompts), and "
@@ -274,10 +281,8 @@ def _dense_sparse_usage(load_path: str, settings, channel, dense_package_modules
     dense and a sparse vector per document and fuses their scores."""
     weight = channel.weight
     opening, dense_path, sparse_path = _half_paths(load_path)
-    trust = ", trust_remote_code=True" if dense_package_modules else ""
-    trust_note = (f" `dense/` uses `{', '.join(dense_package_modules)}` (see above): it needs this package and "
-                  "`trust_remote_code=True`; `sparse/` needs neither.") if dense_package_modules else (
-                  " Neither folder needs this package or `trust_remote_code`.")
+    trust, trust_note = _dense_trust(dense_package_modules, "; `sparse/` needs neither.",
+                                     " Neither folder needs this package or `trust_remote_code`.")
     return (
         "### Two vectors: dense + sparse, for a vector database\n\n"
         "The two halves are also saved as plain sentence-transformers folders inside this one: `dense/` (the "
