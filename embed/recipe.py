@@ -150,7 +150,7 @@ class MineConfig:
     batch_size: int = opt(1024, "queries encoded, searched and written per step (the resume granularity)")
     encode_batch_size: int = opt(64, "texts per forward pass when encoding corpus and queries")
     encode_precision: Literal["auto", "fp32", "bf16"] = opt("auto", "teacher encoding: auto = bf16 autocast where the hardware has native bf16 (sm_80+ GPUs, AVX512-BF16/AMX CPUs), else fp32")
-    cache_dir: str = opt("", "corpus-embedding cache root ('' = $EMBED_CACHE_DIR, else ~/.cache/embed)")
+    cache_dir: str = opt("", "corpus-embedding cache root ('' = $EMBED_CACHE_DIR, else ~/.cache/mteb-domain-embeddings)")
     cache_chunk_size: int = opt(8192, "documents per cached chunk: the unit of encoding resume and of sharding over processes")
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,17 @@ sys.path.insert(0, str(REPO))  # `import embed` without installation too
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every cache of this test session (and of the scripts it starts) goes to a folder of its own: tests
+# never read nor fill the user's cache, and parallel test workers (pytest -n) never share one.
+os.environ["EMBED_CACHE_DIR"] = tempfile.mkdtemp(prefix="embed-test-cache-")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's torch.distributed rendezvous: fixed ports
+    collide when test workers run side by side (pytest -n)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_tiny_bert(path: Path, seed: int = 0, **settings) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import REPO, toy_train_rows, write_jsonl
+from tests.conftest import REPO, free_port, toy_train_rows, write_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
@@ -209,7 +209,7 @@ def test_two_cpu_processes_train_the_weights_of_one_process_on_the_joined_batch(
     model = without_dropout(tiny_bert_dir, tmp_path / "model")
     steps = ["--train.max_steps", "2", "--train.precision", "fp32"]
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    out = subprocess.run(train_cmd(model, toy_data, ddp, *steps, launcher=(*DDP_LAUNCHER, "--main_process_port", "29517")),
+    out = subprocess.run(train_cmd(model, toy_data, ddp, *steps, launcher=(*DDP_LAUNCHER, "--main_process_port", str(free_port()))),
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 process(es)" in out.stdout and "(global): 16 = 8 per device x 2" in out.stdout

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import REPO, toy_train_rows, write_jsonl
+from tests.conftest import REPO, free_port, toy_train_rows, write_jsonl
 from tests.test_train import DDP_LAUNCHER, ENV, train_cmd, weights, without_dropout
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
@@ -35,20 +35,19 @@ def ddp_run(tmp_path_factory, tiny_bert_dir):
     root = tmp_path_factory.mktemp("ds")
     model = without_dropout(tiny_bert_dir, root / "model")
     data = write_jsonl(root / "train.jsonl", toy_train_rows(48, negatives=2))
-    out = subprocess.run(train_cmd(model, data, root / "ddp", *STEPS, launcher=(*DDP_LAUNCHER, "--main_process_port", "29531")),
+    out = subprocess.run(train_cmd(model, data, root / "ddp", *STEPS, launcher=(*DDP_LAUNCHER, "--main_process_port", str(free_port()))),
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return model, data, root / "ddp"
 
 
-@pytest.mark.parametrize("config, port, extra", [("zero2.yaml", 29532, ["--train.gradcache_chunk_size", "4"]),
-                                                 ("zero3.yaml", 29533, [])])
-def test_zero_run_matches_ddp_and_saves_the_whole_model(ddp_run, config, port, extra):
+@pytest.mark.parametrize("config, extra", [("zero2.yaml", ["--train.gradcache_chunk_size", "4"]), ("zero3.yaml", [])])
+def test_zero_run_matches_ddp_and_saves_the_whole_model(ddp_run, config, extra):
     from sentence_transformers import SentenceTransformer
 
     model, data, ddp_dir = ddp_run
     run_dir = ddp_dir.parent / config.replace(".yaml", "")
-    out = subprocess.run(train_cmd(model, data, run_dir, *STEPS, *extra, launcher=deepspeed_launcher(config, port)),
+    out = subprocess.run(train_cmd(model, data, run_dir, *STEPS, *extra, launcher=deepspeed_launcher(config, free_port())),
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 process(es)" in out.stdout and "dev @ step 2" in out.stdout

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import free_port
 from tests.test_train import ENV, kill_tree, train_cmd, uninterrupted_reference, weights
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def test_two_machines_train_checkpoint_and_resume(tmp_path, tiny_bert_dir):
     model, data, single = uninterrupted_reference(tiny_bert_dir, tmp_path, STEPS)
 
     run_dir = tmp_path / "two_machines"
-    procs = machines(model, data, run_dir, 29551)
+    procs = machines(model, data, run_dir, free_port())
     try:
         deadline = time.time() + 400
         while time.time() < deadline and not list((run_dir / "checkpoints").glob("*/trainer_state.json")):
@@ -45,7 +46,7 @@ def test_two_machines_train_checkpoint_and_resume(tmp_path, tiny_bert_dir):
             kill_tree(p)
     assert not (run_dir / "model").exists(), "the run finished before it could be killed"
 
-    procs = machines(model, data, run_dir, 29552)
+    procs = machines(model, data, run_dir, free_port())
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "resuming from" in logs[0] and "x 2 process(es)" in logs[0]
