@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -16,9 +17,20 @@ sys.path.insert(0, str(REPO))  # `import embed` without installation too
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Every cache of this test session (and of the scripts it starts) goes to a folder of its own: tests
-# never read nor fill the user's cache, and parallel test workers (pytest -n) never share one.
-os.environ["EMBED_CACHE_DIR"] = tempfile.mkdtemp(prefix="embed-test-cache-")
+
+# Every cache of this test session (and of the scripts it starts) goes to a folder of its own, removed
+# when the session ends: tests never read nor fill the user's cache, and parallel test workers
+# (pytest -n), each its own process, never share one. Set at import, before test modules copy
+# os.environ for their subprocesses; this file is imported twice per process (as pytest's conftest
+# and as tests.conftest), hence the process id.
+if os.environ.get("EMBED_TEST_CACHE_PID") != str(os.getpid()):
+    os.environ["EMBED_CACHE_DIR"] = tempfile.mkdtemp(prefix="embed-test-cache-")
+    os.environ["EMBED_TEST_CACHE_PID"] = str(os.getpid())
+TEST_CACHE = Path(os.environ["EMBED_CACHE_DIR"])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:
