@@ -112,7 +112,7 @@ def main():
     llamacpp = None
     if args.llamacpp:
         llamacpp = time_llamacpp(backend, prompts)
-        llamacpp["vs_transformers_batched"] = round(llamacpp["queries_per_s"] * batched_s / len(prompts), 2)
+        llamacpp["vs_transformers_batched"] = round(batched_s / llamacpp["seconds"], 2)
 
     # ------------------------------------------------------------------ report
     batched_qps, single_qps = len(prompts) / batched_s, len(single) / single_s

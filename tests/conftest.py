@@ -41,6 +41,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ddp_launcher() -> tuple[str, ...]:
+    """`accelerate launch` of 2 CPU processes (gloo), meeting on a free port. accelerate's `--cpu
+    --num_processes 2` starts one process without MPI; `--multi_gpu` without CUDA starts two."""
+    return (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()))
+
+
 def make_tiny_bert(path: Path, seed: int = 0, **settings) -> Path:
     """A 2-layer, 32-wide random BERT with the bundled MiniLM tokenizer, saved in our layout."""
     import torch

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from embed.data import load_qrels, read_train_set
 from embed.runtime import resolve_model
-from tests.conftest import free_port
+from tests.conftest import ddp_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
@@ -320,10 +320,7 @@ def test_two_process_launch_shards_encoding_and_matches_one_process(tmp_path, ti
     run_in_process(monkeypatch, recipe(one, tiny_teacher, beir, qrels="train", cache_chunk_size=8))
     two = tmp_path / "two"
     two.mkdir()
-    # accelerate's `--cpu --num_processes 2` starts one process without MPI: the torchrun launcher does two
-    proc = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--main_process_port", str(free_port()),
-                           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "mine_faiss.py"),
+    proc = subprocess.run([*ddp_launcher(), str(ROOT / "scripts" / "mine_faiss.py"),
                            str(recipe(two, tiny_teacher, beir, qrels="train", cache_chunk_size=8))],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import REPO, free_port, toy_train_rows, write_jsonl
+from tests.conftest import REPO, ddp_launcher, toy_train_rows, write_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
@@ -196,20 +196,14 @@ def uninterrupted_reference(tiny_bert_dir, tmp_path, steps):
     return model, data, single
 
 
-DDP_LAUNCHER = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
-
-
 @pytest.mark.slow
 def test_two_cpu_processes_train_the_weights_of_one_process_on_the_joined_batch(tmp_path, tiny_bert_dir, toy_data):
     """2 processes x 8 queries (in-batch negatives gathered across processes, gradients all-reduced)
     end where 1 process x 16 queries ends: same loss, same weights (float tolerance)."""
-    # accelerate 1.x starts a single process for `--cpu --num_processes 2` without MPI; the
-    # torchrun-based launcher with gloo is how two CPU processes run (train.py sets cpu=True).
     model = without_dropout(tiny_bert_dir, tmp_path / "model")
     steps = ["--train.max_steps", "2", "--train.precision", "fp32"]
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    out = subprocess.run(train_cmd(model, toy_data, ddp, *steps, launcher=(*DDP_LAUNCHER, "--main_process_port", str(free_port()))),
+    out = subprocess.run(train_cmd(model, toy_data, ddp, *steps, launcher=ddp_launcher()),
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 process(es)" in out.stdout and "(global): 16 = 8 per device x 2" in out.stdout

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import REPO, free_port, toy_train_rows, write_jsonl
-from tests.test_train import DDP_LAUNCHER, ENV, train_cmd, weights, without_dropout
+from tests.conftest import REPO, ddp_launcher, free_port, toy_train_rows, write_jsonl
+from tests.test_train import ENV, train_cmd, weights, without_dropout
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
 pytestmark = pytest.mark.slow
@@ -24,9 +24,9 @@ STEPS = ["--train.max_steps", "2", "--train.precision", "fp32",
          "--data.dev", str(TINY_BEIR), "--data.dev_split", "test"]
 
 
-def deepspeed_launcher(config: str, port: int):
+def deepspeed_launcher(config: str):
     return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
-            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port))
+            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def ddp_run(tmp_path_factory, tiny_bert_dir):
     root = tmp_path_factory.mktemp("ds")
     model = without_dropout(tiny_bert_dir, root / "model")
     data = write_jsonl(root / "train.jsonl", toy_train_rows(48, negatives=2))
-    out = subprocess.run(train_cmd(model, data, root / "ddp", *STEPS, launcher=(*DDP_LAUNCHER, "--main_process_port", str(free_port()))),
+    out = subprocess.run(train_cmd(model, data, root / "ddp", *STEPS, launcher=ddp_launcher()),
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return model, data, root / "ddp"
@@ -47,7 +47,7 @@ def test_zero_run_matches_ddp_and_saves_the_whole_model(ddp_run, config, extra):
 
     model, data, ddp_dir = ddp_run
     run_dir = ddp_dir.parent / config.replace(".yaml", "")
-    out = subprocess.run(train_cmd(model, data, run_dir, *STEPS, *extra, launcher=deepspeed_launcher(config, free_port())),
+    out = subprocess.run(train_cmd(model, data, run_dir, *STEPS, *extra, launcher=deepspeed_launcher(config)),
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 process(es)" in out.stdout and "dev @ step 2" in out.stdout

@@ -12,9 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import ddp_launcher
 from tests.test_train import (
-    DDP_LAUNCHER,
     ENV,
     kill_tree,
     train_cmd,
@@ -55,7 +54,7 @@ def test_kill_while_a_rank_still_saves_resumes_exactly(tmp_path, tiny_bert_dir):
     signal_file = tmp_path / "rank1_stalled"
     run_dir = tmp_path / "ddp"
     env = {**ENV, "PYTHONPATH": f"{hook}:{ENV['PYTHONPATH']}", "SLOW_RANK_SIGNAL": str(signal_file)}
-    launcher = (*DDP_LAUNCHER, "--main_process_port", str(free_port()))
+    launcher = ddp_launcher()
     proc = subprocess.Popen(train_cmd(model, data, run_dir, *STEPS, launcher=launcher), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
