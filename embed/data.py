@@ -191,6 +191,10 @@ class TrainExample:
     pos_scores: Optional[list[float]] = None
     neg_scores: Optional[list[float]] = None
     source: Optional[str] = None
+    # The mining teacher's best candidates for the query (positives first) and its scores of them:
+    # the target of a training stage with `frozen_documents` (mine.teacher_candidates).
+    cand_ids: Optional[list[str]] = None
+    cand_scores: Optional[list[float]] = None
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -220,7 +224,12 @@ def parse_train_row(path, line_no: int, obj: dict) -> TrainExample:
     for ids, texts in (("pos_ids", "pos_texts"), ("neg_ids", "neg_texts")):
         if len(obj.get(ids, [])) != len(obj.get(texts, [])):
             raise DataError(f"{path}:{line_no}: field '{texts}' must have one text per id in '{ids}'")
-    for key, ids in (("pos_scores", "pos_ids"), ("neg_scores", "neg_ids")):
+    cand_ids = obj.get("cand_ids")
+    if cand_ids is not None and (not isinstance(cand_ids, list) or not all(isinstance(v, str) for v in cand_ids)):
+        raise DataError(f"{path}:{line_no}: field 'cand_ids' must be a list of strings")
+    if (cand_ids is None) != (obj.get("cand_scores") is None):
+        raise DataError(f"{path}:{line_no}: fields 'cand_ids' and 'cand_scores' come together")
+    for key, ids in (("pos_scores", "pos_ids"), ("neg_scores", "neg_ids"), ("cand_scores", "cand_ids")):
         scores = obj.get(key)
         if scores is not None and (not isinstance(scores, list) or len(scores) != len(obj.get(ids, []))):
             raise DataError(f"{path}:{line_no}: field '{key}' must be a list with one score per id in '{ids}'")

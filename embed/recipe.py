@@ -139,6 +139,7 @@ class MineConfig:
     relative_margin: Optional[float] = opt(0.05, "TopK-PercPos: drop candidates the teacher scores above positive - |positive| x margin (null = off)")
     absolute_margin: Optional[float] = opt(None, "TopK-MarginPos: drop candidates scoring above positive - margin (null = off)")
     teacher_bm25_weight: float = opt(0.0, "hybrid teacher: score = (1 - w) x teacher cosine + w x BM25 / the query's best BM25; 0 = the dense teacher alone")
+    teacher_candidates: int = opt(0, "also write the teacher's K best candidates of each query with its scores (train.jsonl cand_ids / cand_scores), the target of training stages with frozen_documents; 0 = none")
     retrievers: list[Literal["dense", "bm25"]] = opt(["dense", "bm25"], "retrievers that propose candidate negatives, fused by reciprocal rank")
     depth: int = opt(100, "candidates retrieved per retriever before fusion and filtering")
     rrf_k: int = opt(60, "reciprocal rank fusion constant k in 1 / (k + rank)")
@@ -168,6 +169,7 @@ class StageConfig:
     query_max_length: Optional[int] = opt(None, "query token limit in this stage (null = model.query_max_length)")
     num_negatives: int = opt(1, "hard negatives per query in each batch (rows with fewer are skipped and counted)")
     in_batch_negatives: bool = opt(True, "false = NV-Embed stage 2: each query sees only its own documents")
+    frozen_documents: bool = opt(False, "true = documents keep the base model's embeddings (the corpus is encoded once, before training) and each query learns the mining teacher's distribution over its candidates (cand_ids / cand_scores, from mine.teacher_candidates) as a softmax over the whole corpus: only queries pass through the network; negatives, in-batch negatives and distill_weight do not apply")
     distill_weight: float = opt(0.0, "add this x KL(teacher || student) over each query's own documents, the teacher being mining's scores (pos_scores / neg_scores; rows without them are skipped and counted); 0 = InfoNCE alone")
     instruction: Optional[str] = opt(None, "query instruction for this stage (default: model.query_prompt)")
 
@@ -222,7 +224,21 @@ class Recipe:
         for i, stage in enumerate(self.train.stages):
             if stage.num_negatives < 0:
                 raise ConfigError(f"key 'train.stages.{i}.num_negatives' must be >= 0")
-            if not stage.in_batch_negatives and stage.num_negatives == 0:
+            if stage.frozen_documents:
+                if stage.distill_weight:
+                    raise ConfigError(f"key 'train.stages.{i}.distill_weight' must be 0 with frozen_documents: the "
+                                      f"stage already learns the teacher's scores")
+                if self.model.matryoshka_dims:
+                    raise ConfigError(f"key 'train.stages.{i}.frozen_documents' needs no model.matryoshka_dims (the "
+                                      f"frozen corpus has the full dimension only)")
+                if not self.mine.teacher_candidates:
+                    raise ConfigError(f"key 'train.stages.{i}.frozen_documents' needs mine.teacher_candidates > 0 "
+                                      f"(the teacher's candidates are the stage's target)")
+                if not self.mine.teacher and not self.mine.teacher_bm25_weight:
+                    raise ConfigError(f"key 'train.stages.{i}.frozen_documents' needs a teacher other than the model "
+                                      f"itself (mine.teacher_bm25_weight > 0 or mine.teacher): against its own frozen "
+                                      f"documents the model already scores as its teacher, and would learn nothing")
+            elif not stage.in_batch_negatives and stage.num_negatives == 0:
                 raise ConfigError(f"key 'train.stages.{i}.num_negatives' must be >= 1 when in_batch_negatives is "
                                   f"false: a query that sees only its positive has a loss of 0 and learns nothing")
             if not (math.isfinite(stage.learning_rate) and stage.learning_rate > 0):

@@ -118,7 +118,8 @@ def main():
     timings["build_indexes"] = time.perf_counter() - t
     miner = NegativeMiner(corpus_emb, rules_from_config(mc), mc.depth, mc.rrf_k, cfg.seed, dense=dense,
                           bm25=bm25 if "bm25" in mc.retrievers else None, text_of=lambda row: texts[row],
-                          lexical=bm25 if mc.teacher_bm25_weight else None, teacher_bm25_weight=mc.teacher_bm25_weight)
+                          lexical=bm25 if mc.teacher_bm25_weight else None, teacher_bm25_weight=mc.teacher_bm25_weight,
+                          teacher_candidates=mc.teacher_candidates)
 
     # ------------------------------------------------------------------ mining (resumable, batch by batch)
     settings = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("batch_size", "encode_batch_size", "cache_dir", "cache_chunk_size")}
@@ -147,7 +148,7 @@ def main():
     timings["total"] = time.perf_counter() - started
     summary.update({
         "input": origin, "corpus": cfg.data.corpus, "corpus_documents": len(corpus), "teacher": teacher_name,
-        "teacher_bm25_weight": mc.teacher_bm25_weight,
+        "teacher_bm25_weight": mc.teacher_bm25_weight, "teacher_candidates": mc.teacher_candidates,
         "rules": dataclasses.asdict(rules_from_config(mc)), "retrievers": mc.retrievers, "depth": mc.depth,
         "index": mc.index, "faiss_gpus": num_gpus(), "resumed_queries": len(queries) - len(todo),
         "embedding_cache": {"dir": str(cache.dir), "hit": cache_hit},

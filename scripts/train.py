@@ -29,6 +29,7 @@ from transformers import get_scheduler
 
 from embed.cli import run_main
 from embed.config import parse_recipe, to_dict
+from embed.errors import ConfigError
 from embed.io import replace_dir_atomically, write_json_atomic
 from embed.modeling.model import load_from_config
 from embed.runtime import (
@@ -127,6 +128,23 @@ def main():
     total_steps = sum(p.steps for p in plans)
     accelerator.print(f"total train batch size (global): {global_batch} = {tc.per_device_batch_size} per device "
                       f"x {world} | steps: {total_steps} over {len(plans)} stage(s) | skipped: {dict(skipped)}")
+    frozen_corpus, frozen_lexical, corpus_rows = None, None, {}
+    if any(stage.frozen_documents for stage in tc.stages):
+        if deepspeed:
+            raise ConfigError("key 'train.stages.*.frozen_documents' is not supported under DeepSpeed (each process "
+                              "encodes its share of the corpus before training, which ZeRO-3's sharded forward cannot)")
+        from embed.training.frozen_corpus import (
+            check_candidates,
+            frozen_corpus_embeddings,
+        )
+
+        raw_model.to(accelerator.device)
+        frozen_corpus, frozen_lexical, corpus_rows, note = frozen_corpus_embeddings(
+            cfg, raw_model, accelerator.device, rank, world, accelerator.wait_for_everyone, accelerator.print)
+        accelerator.print(note)
+        for plan in plans:
+            if plan.stage.frozen_documents:
+                check_candidates(plan.examples, corpus_rows, plan.stage, cfg.data.corpus)
 
     # ------------------------------------------------------------------ tracking + resume
     if trackers:
@@ -155,7 +173,8 @@ def main():
             ds_config["train_micro_batch_size_per_gpu"] = tc.per_device_batch_size
             ds_config["gradient_clipping"] = tc.max_grad_norm  # DeepSpeed clips inside its step
         model, optimizer, scheduler = accelerator.prepare(raw_model, optimizer, scheduler)
-        loss_fn = stage_loss(stage, tc.temperature, tc.distill_temperature, cfg.model.matryoshka_dims)
+        loss_fn = stage_loss(stage, tc.temperature, tc.distill_temperature, cfg.model.matryoshka_dims,
+                             (frozen_corpus, frozen_lexical))
         step_in_stage = 0
         if resume and plan.index == resume.stage:
             ckpt.load(resume)
@@ -163,14 +182,19 @@ def main():
             global_step += step_in_stage
             resume = None
         accelerator.print(f"=== stage {plan.index + 1}/{len(plans)} '{stage.name}': {len(plan.examples)} examples, "
-                          f"{plan.steps} steps, lr {stage.learning_rate:.2e}, in-batch negatives "
-                          f"{'on' if stage.in_batch_negatives else 'off'}, {stage.num_negatives} hard negative(s)")
+                          f"{plan.steps} steps, lr {stage.learning_rate:.2e}, " + (
+                              "documents frozen, the teacher's candidates as targets" if stage.frozen_documents else
+                              f"in-batch negatives {'on' if stage.in_batch_negatives else 'off'}, "
+                              f"{stage.num_negatives} hard negative(s)"))
         bar = tqdm(total=plan.steps, initial=step_in_stage, desc=stage.name, disable=not accelerator.is_main_process or not on_terminal())
         model.train()
         for groups in stage_batches(plan, global_batch, cfg.seed, start=step_in_stage):
             t0 = time.time()
             local = groups[rank * tc.per_device_batch_size:(rank + 1) * tc.per_device_batch_size]
-            loss = _train_step(accelerator, model, raw_model, loss_fn, local, stage, tc.gradcache_chunk_size)
+            if stage.frozen_documents:
+                loss = _frozen_documents_step(accelerator, model, raw_model, loss_fn, local, stage, corpus_rows)
+            else:
+                loss = _train_step(accelerator, model, raw_model, loss_fn, local, stage, tc.gradcache_chunk_size)
             if tc.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step: the next one's)
@@ -257,6 +281,23 @@ def _train_step(accelerator, model, raw_model, loss_fn, groups, stage, gradcache
         d = model(d_feat).view(B, G, -1)                    # [B, G, D]
         loss = loss_fn(q, d, doc_keys, pos_keys, **extra)
         accelerator.backward(loss)
+    return accelerator.reduce(loss.detach(), "mean").item()
+
+
+def _frozen_documents_step(accelerator, model, raw_model, loss_fn, groups, stage, corpus_rows: dict) -> float:
+    """One forward/backward over this process's queries alone (embed.training.frozen_corpus)."""
+    q_feat = raw_model.tokenize([g.query for g in groups], kind="query", max_length=stage.query_max_length,
+                                prompt=stage.instruction)
+    width = max(len(g.cand_ids) for g in groups)
+    rows = torch.full((len(groups), width), -1, dtype=torch.long)
+    scores = torch.zeros((len(groups), width), dtype=torch.float32)
+    for i, g in enumerate(groups):
+        rows[i, :len(g.cand_ids)] = torch.tensor([corpus_rows[d] for d in g.cand_ids])
+        scores[i, :len(g.cand_scores)] = torch.tensor(g.cand_scores)
+    device = accelerator.device
+    q = model({k: v.to(device) for k, v in q_feat.items()})
+    loss = loss_fn(q, rows.to(device), scores.to(device))
+    accelerator.backward(loss)
     return accelerator.reduce(loss.detach(), "mean").item()
 
 

@@ -183,6 +183,27 @@ def test_hybrid_teacher_scores_are_cosine_mixed_with_relative_bm25(tmp_path, tin
         assert rel.max() > 0  # every query shares a topic word with its positive
 
 
+def test_teacher_candidates_list_positives_then_the_best_scored_others(tmp_path, tiny_teacher, beir, monkeypatch):
+    """mine.teacher_candidates: K: each row lists its positives (with their scores), then the K
+    best-scored other documents of the pool, best first; the negatives are among them with the
+    same scores (no margin rule, top sampling: they are the pool's best non-positives too)."""
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", relative_margin=None,
+                                       teacher_bm25_weight=0.3, teacher_candidates=5))
+    rows = read_train_set(tmp_path / "run" / "train.jsonl")
+    assert rows
+    for row in rows:
+        n_pos = len(row.pos_ids)
+        assert row.cand_ids[:n_pos] == row.pos_ids and row.cand_scores[:n_pos] == row.pos_scores
+        others = dict(zip(row.cand_ids[n_pos:], row.cand_scores[n_pos:]))
+        assert len(others) == 5 and not set(others) & set(row.pos_ids)
+        assert row.cand_scores[n_pos:] == sorted(row.cand_scores[n_pos:], reverse=True)
+        for neg, score in zip(row.neg_ids, row.neg_scores):
+            if neg in others:
+                assert others[neg] == pytest.approx(score, abs=1e-6)
+            else:  # a negative the pool ranked lower must score no higher than the listed ones
+                assert score <= min(others.values()) + 1e-6
+
+
 # ---------------------------------------------------------------- generated queries + bad input
 def test_generated_queries_skip_and_count_bad_rows(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
     run = tmp_path / "run"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -53,6 +53,8 @@ def check_mine_config(mine) -> None:
         raise ConfigError("keys 'mine.generated' (false) and 'mine.qrels' (empty) leave nothing to mine")
     if not mine.retrievers:
         raise ConfigError("key 'mine.retrievers' must name at least one of: dense, bm25")
+    if mine.teacher_candidates < 0:
+        raise ConfigError("key 'mine.teacher_candidates' must be >= 0")
     if not 0.0 <= mine.teacher_bm25_weight <= 1.0:
         raise ConfigError(f"key 'mine.teacher_bm25_weight' must be in [0, 1], got {mine.teacher_bm25_weight}")
     for key in ("batch_size", "encode_batch_size", "rrf_k", "cache_chunk_size"):
@@ -112,6 +114,7 @@ class MinedQuery:
     positive_scores: list[float]
     selection: Selection
     n_candidates: int
+    candidates: list[tuple[int, float]] = field(default_factory=list)  # (row, teacher score): positives, then the best
 
 
 class NegativeMiner:
@@ -128,7 +131,7 @@ class NegativeMiner:
 
     def __init__(self, corpus_emb: np.ndarray, rules: NegativeRules, depth: int, rrf_k: int, seed: int,
                  dense=None, bm25=None, text_of: Optional[Callable[[int], str]] = None,
-                 lexical=None, teacher_bm25_weight: float = 0.0):
+                 lexical=None, teacher_bm25_weight: float = 0.0, teacher_candidates: int = 0):
         if dense is None and bm25 is None:
             raise ConfigError("key 'mine.retrievers' must name at least one of: dense, bm25")
         if teacher_bm25_weight and lexical is None:
@@ -136,6 +139,7 @@ class NegativeMiner:
         self.corpus_emb, self.rules, self.depth, self.rrf_k, self.seed = corpus_emb, rules, depth, rrf_k, seed
         self.dense, self.bm25, self.text_of = dense, bm25, text_of
         self.lexical, self.teacher_bm25_weight = lexical, teacher_bm25_weight
+        self.teacher_candidates = teacher_candidates
         self._text_keys: dict[int, int] = {}
         self.seconds = Counter()
 
@@ -146,6 +150,18 @@ class NegativeMiner:
         if key is None:
             key = self._text_keys[row] = hash(normalise_text(self.text_of(row)))
         return key
+
+    def _best_candidates(self, q: MiningQuery, fused, cand_scores, pos_scores) -> list[tuple[int, float]]:
+        """The query's positives, then its `teacher_candidates` best-scored other candidates.
+
+        The fused pool (dense and BM25 top-`depth`) holds nearly all of a query's teacher mass:
+        a document outside both lists scores low under either half of the teacher."""
+        if not self.teacher_candidates:
+            return []
+        positives = set(q.positive_rows)
+        best = [(int(fused[j]), float(cand_scores[j])) for j in np.argsort(-np.asarray(cand_scores), kind="stable")
+                if int(fused[j]) not in positives][:self.teacher_candidates]
+        return [(int(r), float(s)) for r, s in zip(q.positive_rows, pos_scores)] + best
 
     def _rng(self, query_id: str) -> np.random.Generator:
         """Seeded per query, so a resumed run samples exactly what an uninterrupted one would."""
@@ -176,6 +192,7 @@ class NegativeMiner:
                 pos_scores = (1 - w) * pos_scores + w * lexical[len(fused):]
             selection = select_negatives(fused, cand_scores, float(pos_scores.min()), q.positive_rows, set(q.excluded_rows),
                                          self._text_key, self.rules, self._rng(q.query_id))
-            out.append(MinedQuery(q, [float(s) for s in pos_scores], selection, len(fused)))
+            out.append(MinedQuery(q, [float(s) for s in pos_scores], selection, len(fused),
+                                  self._best_candidates(q, fused, cand_scores, pos_scores)))
         self.seconds.update(dense_search=t1 - t0, bm25_search=t2 - t1, filter=time.perf_counter() - t2)
         return out

@@ -26,6 +26,8 @@ def to_train_row(mined: MinedQuery, corpus: Corpus) -> dict:
         neg_ids=[corpus.ids[r] for r in neg], neg_texts=[corpus.doc_text(r) for r in neg],
         pos_scores=[round(s, 6) for s in mined.positive_scores],
         neg_scores=[round(s, 6) for s in mined.selection.scores], source=q.origin,
+        cand_ids=[corpus.ids[r] for r, _ in mined.candidates] if mined.candidates else None,
+        cand_scores=[round(s, 6) for _, s in mined.candidates] if mined.candidates else None,
     ).to_row()
 
 

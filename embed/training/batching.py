@@ -33,14 +33,20 @@ class Group:
     docs: list[str]
     pos_keys: list[int]   # keys of ALL the query's positives (for false-negative masking)
     scores: Optional[list[float]] = None  # mining teacher's score of each of `docs`, when the row has them
+    cand_ids: Optional[list[str]] = None  # the teacher's candidates and scores (stages with frozen_documents)
+    cand_scores: Optional[list[float]] = None
 
 
 def usable_examples(examples: list[TrainExample], num_negatives: int, skipped: Counter,
-                    need_scores: bool = False) -> list[TrainExample]:
-    """Examples with enough hard negatives for a fixed group size (all_gather needs equal shapes)
-    and, for distillation, with the teacher's scores."""
+                    need_scores: bool = False, need_candidates: bool = False) -> list[TrainExample]:
+    """Examples with enough hard negatives for a fixed group size (all_gather needs equal shapes),
+    for distillation with the teacher's scores, and for a frozen-documents stage with the
+    teacher's candidates."""
     kept = []
     for ex in examples:
+        if need_candidates and not ex.cand_ids:
+            skipped["no_teacher_candidates"] += 1
+            continue
         if len(ex.neg_texts) < num_negatives:
             skipped["short_of_negatives"] += 1
             continue
@@ -81,7 +87,8 @@ def make_group(ex: TrainExample, num_negatives: int, rng: random.Random) -> Grou
     if ex.pos_scores is not None and ex.neg_scores is not None:
         scores = [ex.pos_scores[chosen], *ex.neg_scores[:num_negatives]]
     return Group(query=ex.query, docs=[ex.pos_texts[chosen], *ex.neg_texts[:num_negatives]],
-                 pos_keys=[text_key(t) for t in ex.pos_texts], scores=scores)
+                 pos_keys=[text_key(t) for t in ex.pos_texts], scores=scores,
+                 cand_ids=ex.cand_ids, cand_scores=ex.cand_scores)
 
 
 def collate_keys(groups: list[Group], max_positives: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,8 @@ def load_stage_data(stage, run_dir: str, skipped: Counter) -> list[TrainExample]
         examples = [e for e in examples if source_kind(e.source) in stage.sources]
         if not examples:
             raise DataError(f"stage '{stage.name}': no rows of {stage.data} come from sources {stage.sources}")
+    if stage.frozen_documents:  # the stage reads the teacher's candidates, never the negatives
+        return usable_examples(examples, 0, skipped, need_candidates=True)
     return usable_examples(examples, stage.num_negatives, skipped, need_scores=stage.distill_weight > 0)
 
 
@@ -146,9 +148,17 @@ def optimizer_groups(model, lr: float, weight_decay: float, head_lr: float | Non
              "lr": (head_lr or lr * 10) if is_head else lr} for (is_head, decay), ps in groups.items()]
 
 
-def stage_loss(stage, temperature: float, distill_temperature: float, matryoshka_dims: list[int]) -> nn.Module:
+def stage_loss(stage, temperature: float, distill_temperature: float, matryoshka_dims: list[int],
+               frozen_corpus: tuple | None = None) -> nn.Module:
     """The stage's loss: InfoNCE (in-batch negatives as the stage says), plus the teacher
-    distillation term when the stage weights it, wrapped for Matryoshka dimensions."""
+    distillation term when the stage weights it, wrapped for Matryoshka dimensions; for a
+    frozen-documents stage, the teacher's distribution over `frozen_corpus` = (dense half, lexical
+    half or None) (embed.training.frozen_corpus)."""
+    if stage.frozen_documents:
+        from embed.training.frozen_corpus import FrozenCorpusDistillation
+
+        dense, lexical = frozen_corpus
+        return FrozenCorpusDistillation(dense, temperature, distill_temperature, corpus_lexical=lexical)
     loss = InfoNCELoss(temperature=temperature, in_batch_negatives=stage.in_batch_negatives)
     if stage.distill_weight:
         loss = ListwiseDistillation(loss, weight=stage.distill_weight, temperature=temperature,
