@@ -328,8 +328,9 @@ def test_bm25_model_card_shows_dense_plus_bm25_that_scores_as_the_one_vector(tmp
 def test_hybrid_encoder_equals_the_model_carrying_the_channel(tmp_path):
     """The shared-pass hybrid (dense output + channel over the tokens) is the saved model's own output."""
     from embed.data import load_corpus
-    from embed.evaluation.encoders import CachedEncoder, HybridEncoder, dense_view
+    from embed.evaluation.encoders import CachedEncoder, HybridEncoder
     from embed.modeling.lexical import fit_lexical_channel
+    from embed.modeling.model import dense_view
 
     model = EmbeddingModel.from_pretrained(str(make_tiny_bert(tmp_path / "m", seed=1, query_prompt="find: ")))
     corpus = load_corpus(str(TINY_BEIR))

@@ -27,7 +27,6 @@ from embed.evaluation.encoders import (
     CachedEncoder,
     HybridEncoder,
     SparseAsDense,
-    dense_view,
     load_as_published,
 )
 from embed.evaluation.mteb_eval import (
@@ -40,7 +39,12 @@ from embed.evaluation.mteb_eval import (
     task_label,
 )
 from embed.modeling.lexical import fit_lexical_channel
-from embed.modeling.model import EmbeddingModel, load_from_config, saved_lexical_channel
+from embed.modeling.model import (
+    EmbeddingModel,
+    dense_view,
+    load_from_config,
+    saved_lexical_channel,
+)
 from embed.modeling.sparse_export import SPARSE_DIR, has_sparse_half
 from embed.runtime import on_terminal, resolve_model
 

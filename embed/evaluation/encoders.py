@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from embed.modeling.lexical import append_channel
 from embed.modeling.model import (
     EXTRA_CONFIG,
     EmbeddingModel,
@@ -31,11 +32,6 @@ from embed.modeling.model import (
     read_saved_settings,
 )
 from embed.runtime import resolve_model
-
-
-def dense_view(model: EmbeddingModel) -> EmbeddingModel:
-    """The same network without its lexical channel: shares the weights (no copy), changes nothing."""
-    return EmbeddingModel(model.backbone, model.tokenizer, model.pooling, model.settings)
 
 
 def _texts_key(kind: str, texts: list[str]) -> tuple[str, str]:
@@ -101,14 +97,11 @@ class HybridEncoder(_EncoderView):
                show_progress: bool = False) -> np.ndarray:
         texts = list(texts)
         dense = self.dense.encode(texts, kind=kind, batch_size=batch_size, show_progress=show_progress)
-        device = self.channel.idf.device
         out = np.zeros((len(texts), dense.shape[1] + self.channel.dim), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            stop = start + batch_size
-            features = self.network.tokenize(texts[start:stop], kind=kind)
-            out[start:stop] = self.channel(torch.from_numpy(dense[start:stop]).to(device),
-                                           features["input_ids"].to(device), features["lexical_mask"].to(device),
-                                           features["lexical_query"].to(device)).float().cpu().numpy()
+        start = 0
+        for rows in append_channel(self.network, texts, torch.from_numpy(dense), kind, batch_size):
+            out[start:start + len(rows)] = rows.float().cpu().numpy()
+            start += len(rows)
         return out
 
 

@@ -35,7 +35,7 @@ import json
 import math
 import os
 from collections import Counter
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -314,6 +314,17 @@ class LexicalChannelST(PackageModule):
     @classmethod
     def from_folder(cls, folder: str, **config) -> "LexicalChannelST":
         return cls(load_lexical_channel(folder), **config)
+
+
+def append_channel(model, texts: list[str], dense: Tensor, kind: str, batch_size: int) -> Iterator[Tensor]:
+    """[dense ; lexical] rows of `texts`, batch by batch in input order, from dense embeddings
+    computed elsewhere: the channel needs token ids only, so no network runs here. `model` is an
+    EmbeddingModel carrying the channel: its tokenisation keeps a prompt out of lexical matching."""
+    device = model.lexical.idf.device
+    for start in range(0, len(texts), batch_size):
+        features = model.tokenize(texts[start:start + batch_size], kind=kind)
+        yield model.lexical(dense[start:start + batch_size].to(device), features["input_ids"].to(device),
+                            features["lexical_mask"].to(device), features["lexical_query"].to(device))
 
 
 def fit_lexical_channel(model, texts: list[str], dim: int, weight: float, seed: int = 0, scheme: str = "tfidf",

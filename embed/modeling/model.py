@@ -337,6 +337,11 @@ class EmbeddingModel(nn.Module):
                 export_sparse_half(path, self.tokenizer, self.lexical, s.max_length)
 
 
+def dense_view(model: EmbeddingModel) -> EmbeddingModel:
+    """The same network without its lexical channel: shares the weights (no copy), changes nothing."""
+    return EmbeddingModel(model.backbone, model.tokenizer, model.pooling, model.settings)
+
+
 def package_modules(folder: str | os.PathLike) -> tuple[str, ...]:
     """The module classes of this package a saved model's modules.json names (the latent-attention
     head): loading them through sentence-transformers takes an explicit trust_remote_code=True."""

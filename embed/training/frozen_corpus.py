@@ -27,7 +27,8 @@ from torch import nn
 from embed.data import load_corpus
 from embed.errors import DataError
 from embed.mining.miner import encode_by_token_length
-from embed.modeling.model import EmbeddingModel
+from embed.modeling.lexical import append_channel
+from embed.modeling.model import dense_view
 from embed.retrieval.embedding_cache import corpus_embeddings, teacher_cache
 from embed.runtime import default_cache_root, encode_autocast
 
@@ -97,40 +98,27 @@ def frozen_corpus_embeddings(cfg, model, device: torch.device, rank: int, world:
     scales it."""
     corpus = load_corpus(cfg.data.corpus)
     texts = [corpus.doc_text(i) for i in range(len(corpus))]
-    network = EmbeddingModel(model.backbone, model.tokenizer, model.pooling, model.settings)  # no channel
+    network = dense_view(model)  # the cache holds the network's vectors, never a channel's
     autocast, precision = encode_autocast(device, cfg.mine.encode_precision)
     cache = teacher_cache(network, cfg.model.name_or_path, cfg.model.dtype, corpus, texts,
                           default_cache_root(cfg.mine.cache_dir), precision=precision)
 
     def encode(chunk: list[str]) -> np.ndarray:
-        with autocast, torch.no_grad():
+        with autocast:
             return encode_by_token_length(network, chunk, "document", cfg.mine.encode_batch_size)
 
-    was_training = model.training
-    model.eval()
     emb, hit = corpus_embeddings(cache, texts, encode, chunk_size=cfg.mine.cache_chunk_size, rank=rank,
                                  world_size=world, barrier=barrier, log=log)
-    model.train(was_training)
     dense, lexical = torch.from_numpy(np.asarray(emb, dtype=np.float32)), None
-    if model.lexical is not None:
-        dense, lexical = _with_lexical_half(model, texts, dense)
+    if model.lexical is not None:  # [scaled dense ; lexical] as the model outputs it; the lexical half kept sparse
+        halves = [(rows[:, :dense.shape[1]], rows[:, dense.shape[1]:].to_sparse())
+                  for rows in append_channel(model, texts, dense, "document", batch_size=256)]
+        dense = torch.cat([d for d, _ in halves])
+        lexical = torch.cat([lx for _, lx in halves]).coalesce()
     note = (f"frozen documents: {dense.shape[0]} x {dense.shape[1]}"
             + (f" + a lexical half of {lexical.shape[1]} buckets" if lexical is not None else "")
             + f" from {cfg.data.corpus} ({'cache hit' if hit else 'encoded'}, {precision}, {cache.dir})")
     return dense, lexical, dict(corpus.index), note
-
-
-def _with_lexical_half(model, texts: list[str], dense: torch.Tensor, batch_size: int = 256):
-    """(dense scaled as in the model's output, the channel's document vectors as a sparse COO matrix)."""
-    dense_dim, scaled, parts = dense.shape[1], [], []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            features = model.tokenize(texts[start:start + batch_size], kind="document")
-            out = model.lexical(dense[start:start + batch_size], features["input_ids"], features["lexical_mask"],
-                                features["lexical_query"])
-            scaled.append(out[:, :dense_dim])
-            parts.append(out[:, dense_dim:].to_sparse())
-    return torch.cat(scaled), torch.cat(parts).coalesce()
 
 
 def check_candidates(examples, corpus_rows: dict[str, int], stage, corpus_path: str) -> None:
