@@ -558,6 +558,14 @@ def test_rerun_with_other_settings_is_refused(corpus_dir, tmp_path):
     (copied / "corpus.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # one document fewer
     with pytest.raises(ConfigError, match=r"\(corpus changed\)"):
         check_resume(tmp_path, GenConfig(), 1, key(copied))
+    # a run from before a key existed (here: few_shot) resumes while the key keeps its default
+    saved = json.loads((tmp_path / "gen_resume.json").read_text())
+    saved.pop("few_shot")
+    (tmp_path / "gen_resume.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"\(gen.few_shot changed\)"):
+        check_resume(tmp_path, GenConfig(few_shot=False), 1, corpus)
+    (tmp_path / "gen_resume.json").write_text(json.dumps(saved))
+    check_resume(tmp_path, GenConfig(), 1, corpus)
 
 
 def test_gen_config_checks():

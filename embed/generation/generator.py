@@ -97,7 +97,10 @@ def check_resume(run_dir: Path, gen, seed: int, corpus_key: str) -> None:
     path = run_dir / "gen_resume.json"
     if (run_dir / "queries.jsonl").exists() and path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in fingerprint.keys() | before.keys() if before.get(k) != fingerprint.get(k))
+        # a key added to the recipe since that run counts as unchanged while it keeps its default
+        defaults = dataclasses.asdict(type(gen)())
+        changed = sorted(k for k in fingerprint.keys() | before.keys()
+                         if before.get(k, defaults.get(k)) != fingerprint.get(k))
         if changed:
             names = ", ".join(k if k in ("seed", "corpus") else f"gen.{k}" for k in changed)
             raise ConfigError(f"{run_dir / 'queries.jsonl'} was generated with other settings ({names} changed): "
