@@ -201,7 +201,7 @@ class TrainExample:
 
 
 def source_kind(source: str | None) -> str:
-    """A train.jsonl row's kind from its `source`: 'generated', 'cloze', or 'qrels' for 'qrels:<path>'."""
+    """A train.jsonl row's kind from its `source`: 'generated', 'cloze', or 'qrels' / 'unjudged' for '<kind>:<path>'."""
     return (source or "").split(":", 1)[0]
 
 

@@ -132,9 +132,10 @@ class GenConfig:
 @dataclass
 class MineConfig:
     teacher: str = opt("", "embedding model that scores candidates ('' = model.name_or_path with the recipe's model settings)")
-    generated: bool = opt(True, "mine the generation stage's run_dir/queries.jsonl (and cloze_queries.jsonl); false = mine.qrels alone")
+    generated: bool = opt(True, "mine the generation stage's run_dir/queries.jsonl (and cloze_queries.jsonl); false = mine.qrels and/or mine.unjudged_queries alone")
     qrels: str = opt("", "also mine judged pairs: a qrels TSV, or a split of data.corpus ('train' = <data.corpus>/qrels/train.tsv); their train.jsonl rows have source 'qrels:<path>'")
     queries: str = opt("", "query texts for mine.qrels: BEIR queries.jsonl or folder ('' = the BEIR folder holding the qrels)")
+    unjudged_queries: str = opt("", "also mine real queries without judgments (a query log; BEIR queries.jsonl or folder): each one's positive is the teacher's best-scored candidate; their train.jsonl rows have source 'unjudged:<path>'")
     num_negatives: int = opt(4, "hard negatives kept per query")
     relative_margin: Optional[float] = opt(0.05, "TopK-PercPos: drop candidates the teacher scores above positive - |positive| x margin (null = off)")
     absolute_margin: Optional[float] = opt(None, "TopK-MarginPos: drop candidates scoring above positive - margin (null = off)")
@@ -161,7 +162,7 @@ class StageConfig:
     name: str = opt("stage1", "stage name (logs, checkpoints)")
     data: list[str] = opt(["{run_dir}/train.jsonl"], "train.jsonl files or BEIR folders (pairs from qrels/<split>.tsv); {run_dir} is expanded")
     split: str = opt("train", "qrels split when a data entry is a BEIR folder")
-    sources: list[str] = opt([], "keep only rows whose `source` is one of these: generated, cloze, qrels (matches 'qrels:<path>'); [] = all rows")
+    sources: list[str] = opt([], "keep only rows whose `source` is one of these: generated, cloze, qrels, unjudged (qrels and unjudged match '<kind>:<path>'); [] = all rows")
     epochs: float = opt(1.0, "passes over the stage's data")
     max_steps: int = opt(0, "stop the stage after this many optimizer steps (0 = epochs decide)")
     learning_rate: float = opt(2.0e-05, "peak learning rate")

@@ -244,11 +244,57 @@ def test_generated_and_judged_queries_mine_into_one_set_tagged_by_source(tmp_pat
     assert "train.tsv: query id 'q3' is also a generated query's id" in capsys.readouterr().err
 
 
+def test_unjudged_queries_take_the_teachers_best_document_as_positive(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
+    """mine.unjudged_queries: queries without judgments; each row's positive is the document the teacher
+    (here the dense one) scores highest in the corpus, recomputed here with transformers alone; the
+    negatives and the other candidates score below it; rows say where they came from."""
+    from transformers import AutoModel
+
+    from embed.data import load_corpus
+
+    log = tmp_path / "log.jsonl"
+    write_rows(log, [{"_id": f"u{i}", "text": f"{TOPICS[i]} findings"} for i in range(4)] + [{"_id": "empty", "text": " "}])
+    run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, generated=False, unjudged_queries=str(log),
+                                       retrievers=["dense"], teacher_candidates=3, relative_margin=None))
+    summary = json.loads((tmp_path / "run" / "mine_summary.json").read_text())
+    assert summary["queries_mined"] == 4 and summary["queries_skipped"] == {"empty_query": 1}
+    rows = read_train_set(tmp_path / "run" / "train.jsonl")
+    assert {r.source for r in rows} == {f"unjudged:{log}"}
+
+    corpus = load_corpus(str(beir))
+    tokenizer, bert = AutoTokenizer.from_pretrained(tiny_teacher), AutoModel.from_pretrained(tiny_teacher).eval()
+
+    def embed(texts, max_length):
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            hidden = bert(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    cosine = embed([r.query for r in rows], 16) @ embed([corpus.doc_text(i) for i in range(len(corpus))], 32).T
+    for row, scores in zip(rows, cosine):
+        assert len(row.pos_ids) == 1
+        assert scores[corpus.index[row.pos_ids[0]]] >= scores.max() - 1e-3  # the corpus' best (fp16 cache)
+        assert row.pos_ids[0] not in row.neg_ids and row.neg_ids
+        assert max(row.neg_scores + row.cand_scores[1:]) <= row.pos_scores[0] + 1e-6
+        assert row.cand_ids[0] == row.pos_ids[0] and row.pos_ids[0] not in row.cand_ids[1:]
+
+    write_rows(log, [{"_id": "q3", "text": "clash"}])
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", unjudged_queries=str(log)))
+    assert exit_info.value.code == 2
+    assert "log.jsonl: query id 'q3' is also the id of another mined query" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, generated=False, unjudged_queries=str(log),
+                                           retrievers=["bm25"]))
+    assert "'mine.unjudged_queries' needs 'dense' in mine.retrievers" in capsys.readouterr().err
+
+
 def test_nothing_to_mine_is_a_config_error(tmp_path, tiny_teacher, beir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, generated=False))
     assert exit_info.value.code == 2
-    assert "'mine.generated' (false) and 'mine.qrels' (empty) leave nothing to mine" in capsys.readouterr().err
+    assert "'mine.qrels' and 'mine.unjudged_queries' (empty) leave nothing to mine" in capsys.readouterr().err
 
 
 def test_qrels_naming_a_missing_document_or_query_text_is_counted(tmp_path, tiny_teacher, beir, monkeypatch, capsys):

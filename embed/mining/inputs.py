@@ -11,6 +11,7 @@ from embed.cli import Log, log_line
 from embed.data import (
     Corpus,
     judged_queries,
+    load_queries,
     resolve_data_path,
     warn_missing_positives,
 )
@@ -22,7 +23,8 @@ from embed.mining.negative_filters import normalise_text
 # ---------------------------------------------------------------- inputs
 @dataclass
 class MiningQuery:
-    """A query to mine for: its positives (judged, or the document it was generated from) as corpus rows.
+    """A query to mine for: its positives (judged, or the document it was generated from) as corpus rows;
+    none for an unjudged query, whose positive the miner takes from the teacher.
 
     `excluded_rows` are never negatives either: the positives of other queries with the same text
     (two ids, one question: a document relevant to one is relevant to the other).
@@ -88,6 +90,17 @@ def queries_from_generation(path: Path, corpus: Corpus, skipped: Counter, log: L
     return out
 
 
+def queries_unjudged(spec: str, skipped: Counter) -> tuple[list[MiningQuery], Path]:
+    """Real queries without judgments (mine.unjudged_queries), and the file they came from.
+
+    Why: a domain's own queries (a search log) are what generation imitates. On SciFact, its 809 train
+    claims with the mining teacher's best document as the positive, no label read, train the dense model
+    as far as the same claims with their judgements (bench/disjoint_dev.py)."""
+    path = Path(resolve_data_path(spec))
+    path = path / "queries.jsonl" if path.is_dir() else path
+    return [MiningQuery(qid, text, [], origin=f"unjudged:{path}") for qid, text in load_queries(str(path), skipped).items()], path
+
+
 def weight_rule_queries(path: Path, corpus: Corpus) -> tuple[list[str], list[int]]:
     """(query texts, source rows) the lexical weight rule ranks: the kept generated queries and those
     only the round-trip filter rejected (embed.retrieval.channel_weight says why both)."""
@@ -112,7 +125,7 @@ def exclude_positives_of_same_text(queries: list[MiningQuery]) -> None:
 def load_mining_queries(cfg, corpus: Corpus, skipped: Counter, log: Log = log_line) -> tuple[list[MiningQuery], list[Path]]:
     """(queries, the files they came from): the generation stage's run_dir/queries.jsonl and
     run_dir/cloze_queries.jsonl, whichever exist (`mine.generated`), then the judged pairs of
-    `mine.qrels`. Each train.jsonl row's `source` says which, so a stage can pick (stages.*.sources)."""
+    `mine.qrels`, then the unjudged queries of `mine.unjudged_queries`. Each train.jsonl row's `source` says which, so a stage can pick (stages.*.sources)."""
     queries, paths = [], []
     if cfg.mine.generated:  # the LLM's queries and the inverse-cloze ones, whichever the generation stage wrote
         generated = [p for p in (Path(cfg.run_dir) / "queries.jsonl", Path(cfg.run_dir) / "cloze_queries.jsonl") if p.is_file()]
@@ -129,5 +142,13 @@ def load_mining_queries(cfg, corpus: Corpus, skipped: Counter, log: Log = log_li
             raise DataError(f"{paths[-1]}: query id '{min(clash)}' is also a generated query's id "
                             f"({len(clash)} shared); query ids must be unique across mined inputs")
         queries += judged
+    if cfg.mine.unjudged_queries:
+        unjudged, path = queries_unjudged(cfg.mine.unjudged_queries, skipped)
+        paths.append(path)
+        clash = {q.query_id for q in queries} & {q.query_id for q in unjudged}
+        if clash:
+            raise DataError(f"{path}: query id '{min(clash)}' is also the id of another mined query "
+                            f"({len(clash)} shared); query ids must be unique across mined inputs")
+        queries += unjudged
     exclude_positives_of_same_text(queries)
     return queries, paths

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -45,12 +45,16 @@ def check_mine_config(mine) -> None:
         value = getattr(mine, key)
         if value is not None and value < 0:
             raise ConfigError(f"key 'mine.{key}' must be >= 0 or null")
+    if mine.unjudged_queries and "dense" not in mine.retrievers:
+        raise ConfigError("key 'mine.unjudged_queries' needs 'dense' in mine.retrievers (an unjudged query's positive "
+                          "is the teacher's best candidate, and BM25 alone finds none for a query sharing no word)")
     if mine.rank_min < 0 or mine.rank_max < 0:
         raise ConfigError("keys 'mine.rank_min' and 'mine.rank_max' must be >= 0")
     if mine.rank_max and mine.rank_max <= mine.rank_min:
         raise ConfigError(f"key 'mine.rank_max' ({mine.rank_max}) must be 0 or > mine.rank_min ({mine.rank_min})")
-    if not mine.generated and not mine.qrels:
-        raise ConfigError("keys 'mine.generated' (false) and 'mine.qrels' (empty) leave nothing to mine")
+    if not mine.generated and not mine.qrels and not mine.unjudged_queries:
+        raise ConfigError("keys 'mine.generated' (false), 'mine.qrels' and 'mine.unjudged_queries' (empty) "
+                          "leave nothing to mine")
     if not mine.retrievers:
         raise ConfigError("key 'mine.retrievers' must name at least one of: dense, bm25")
     if mine.teacher_candidates < 0:
@@ -163,6 +167,14 @@ class NegativeMiner:
                 if int(fused[j]) not in positives][:self.teacher_candidates]
         return [(int(r), float(s)) for r, s in zip(q.positive_rows, pos_scores)] + best
 
+    def _teacher_scores(self, text: str, rows: list[int], q_vec: np.ndarray) -> np.ndarray:
+        """The teacher's scores of corpus `rows` for one query: cosine, or the hybrid's mix with BM25."""
+        scores = np.asarray(self.corpus_emb[rows], dtype=np.float32) @ q_vec if rows else np.zeros(0, np.float32)
+        if self.teacher_bm25_weight and rows:
+            w = self.teacher_bm25_weight
+            scores = (1 - w) * scores + w * self.lexical.relative_scores(text, rows)
+        return scores
+
     def _rng(self, query_id: str) -> np.random.Generator:
         """Seeded per query, so a resumed run samples exactly what an uninterrupted one would."""
         digest = int.from_bytes(hashlib.sha256(query_id.encode()).digest()[:8], "little")
@@ -182,14 +194,13 @@ class NegativeMiner:
         out = []
         for i, q in enumerate(queries):
             fused = rrf_fuse([r[i] for r in rankings], k=self.rrf_k)
-            q_vec = query_emb[i].astype(np.float32)
-            cand_scores = np.asarray(self.corpus_emb[fused], dtype=np.float32) @ q_vec if fused else np.zeros(0)
-            pos_scores = np.asarray(self.corpus_emb[q.positive_rows], dtype=np.float32) @ q_vec
-            if self.teacher_bm25_weight:
-                w = self.teacher_bm25_weight
-                lexical = self.lexical.relative_scores(q.text, list(fused) + list(q.positive_rows))
-                cand_scores = (1 - w) * cand_scores + w * lexical[:len(fused)]
-                pos_scores = (1 - w) * pos_scores + w * lexical[len(fused):]
+            scores = self._teacher_scores(q.text, list(fused) + list(q.positive_rows), query_emb[i].astype(np.float32))
+            cand_scores, pos_scores = scores[:len(fused)], scores[len(fused):]
+            if not q.positive_rows:  # unjudged: the teacher's best candidate is the positive
+                best = int(np.argmax(cand_scores))
+                q = replace(q, positive_rows=[int(fused[best])])
+                pos_scores = cand_scores[best:best + 1]
+                fused, cand_scores = fused[:best] + fused[best + 1:], np.delete(cand_scores, best)
             selection = select_negatives(fused, cand_scores, float(pos_scores.min()), q.positive_rows, set(q.excluded_rows),
                                          self._text_key, self.rules, self._rng(q.query_id))
             out.append(MinedQuery(q, [float(s) for s in pos_scores], selection, len(fused),
