@@ -144,7 +144,7 @@ def main() -> None:
     # one mined negative: the teacher's best document below its top two that is not the positive (nor,
     # with human labels, a judged one: teacher labels read no judgement at all)
     negatives = []
-    for i, q in enumerate(train_ids):
+    for i, q in enumerate(train_ids if args.mode == "contrastive" else []):
         known = judged[q] if args.labels == "human" else {}
         ranked = teacher[i].topk(100).indices.tolist()[2:]
         negatives.append(next(d for d in ranked if d != positives[i] and corpus.ids[d] not in known))

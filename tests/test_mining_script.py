@@ -283,7 +283,7 @@ def test_unjudged_queries_take_the_teachers_best_document_as_positive(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, qrels="train", unjudged_queries=str(log)))
     assert exit_info.value.code == 2
-    assert "log.jsonl: query id 'q3' is also the id of another mined query" in capsys.readouterr().err
+    assert "log.jsonl: query id 'q3' is also a qrels query's id" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_in_process(monkeypatch, recipe(tmp_path, tiny_teacher, beir, generated=False, unjudged_queries=str(log),
                                            retrievers=["bm25"]))

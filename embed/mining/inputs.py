@@ -13,6 +13,7 @@ from embed.data import (
     judged_queries,
     load_queries,
     resolve_data_path,
+    source_kind,
     warn_missing_positives,
 )
 from embed.errors import DataError
@@ -122,6 +123,17 @@ def exclude_positives_of_same_text(queries: list[MiningQuery]) -> None:
         q.excluded_rows = sorted(by_text[normalise_text(q.text)] - set(q.positive_rows))
 
 
+def _extend_unique(queries: list[MiningQuery], new: list[MiningQuery], path: Path) -> None:
+    """Append `new` (read from `path`) to `queries`; a query id already taken is an error naming both inputs."""
+    taken = {q.query_id: q for q in queries}
+    clash = sorted(q.query_id for q in new if q.query_id in taken)
+    if clash:
+        kind = source_kind(taken[clash[0]].origin) or "mined"
+        raise DataError(f"{path}: query id '{clash[0]}' is also {'an' if kind[0] in 'aeiou' else 'a'} {kind} query's id "
+                        f"({len(clash)} shared); query ids must be unique across mined inputs")
+    queries += new
+
+
 def load_mining_queries(cfg, corpus: Corpus, skipped: Counter, log: Log = log_line) -> tuple[list[MiningQuery], list[Path]]:
     """(queries, the files they came from): the generation stage's run_dir/queries.jsonl and
     run_dir/cloze_queries.jsonl, whichever exist (`mine.generated`), then the judged pairs of
@@ -136,19 +148,10 @@ def load_mining_queries(cfg, corpus: Corpus, skipped: Counter, log: Log = log_li
         paths += generated
     if cfg.mine.qrels:
         paths.append(resolve_qrels_path(cfg.mine.qrels, cfg.data.corpus))
-        judged = queries_from_qrels(paths[-1], cfg.mine.queries, corpus, skipped, log)
-        clash = {q.query_id for q in queries} & {q.query_id for q in judged}
-        if clash:
-            raise DataError(f"{paths[-1]}: query id '{min(clash)}' is also a generated query's id "
-                            f"({len(clash)} shared); query ids must be unique across mined inputs")
-        queries += judged
+        _extend_unique(queries, queries_from_qrels(paths[-1], cfg.mine.queries, corpus, skipped, log), paths[-1])
     if cfg.mine.unjudged_queries:
         unjudged, path = queries_unjudged(cfg.mine.unjudged_queries, skipped)
         paths.append(path)
-        clash = {q.query_id for q in queries} & {q.query_id for q in unjudged}
-        if clash:
-            raise DataError(f"{path}: query id '{min(clash)}' is also the id of another mined query "
-                            f"({len(clash)} shared); query ids must be unique across mined inputs")
-        queries += unjudged
+        _extend_unique(queries, unjudged, path)
     exclude_positives_of_same_text(queries)
     return queries, paths
