@@ -74,6 +74,28 @@ def document_disjoint_halves(judged: dict[str, dict[str, int]], seed: int) -> tu
     return train, scored
 
 
+def write_split(out: Path, data: Path, queries: dict[str, str], judged: dict[str, dict[str, int]],
+                train_ids: list[str], scored_ids: list[str]) -> dict:
+    """A BEIR folder over the same corpus (linked, not copied) whose qrels are the two halves."""
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    link = out / "corpus.jsonl"
+    if not link.exists():
+        link.symlink_to((data / "corpus.jsonl").resolve())
+    with open(out / "queries.jsonl", "w") as f:
+        for q in [*train_ids, *scored_ids]:
+            f.write(json.dumps({"_id": q, "text": queries[q]}) + "\n")
+    with open(out / "train_half_queries.jsonl", "w") as f:
+        for q in train_ids:
+            f.write(json.dumps({"_id": q, "text": queries[q]}) + "\n")
+    for name, ids in (("train_half", train_ids), ("scored_half", scored_ids)):
+        with open(out / "qrels" / f"{name}.tsv", "w") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            for q in ids:
+                for d, g in sorted(judged[q].items()):
+                    f.write(f"{q}\t{d}\t{g}\n")
+    return {"wrote": str(out), "train_half": len(train_ids), "scored_half": len(scored_ids)}
+
+
 def relative_bm25(index: BM25Index, texts: list[str], n_docs: int) -> np.ndarray:
     """[Q, N] BM25 over each query's best score in the corpus (BM25Index.relative_scores, all rows)."""
     rows = list(range(n_docs))
@@ -97,6 +119,10 @@ def main() -> None:
                         help="train on a seeded sample of this many of the training half (0 = all): compare at a generated set's size")
     parser.add_argument("--seed", type=int, default=0, help="split, order and negatives")
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "scifact-minilm-cpu.yaml"), help="model settings")
+    parser.add_argument("--write_split", default="",
+                        help="write the two halves as a BEIR folder here and stop: qrels/train_half.tsv and "
+                             "qrels/scored_half.tsv, plus train_half_queries.jsonl (texts, no labels) for "
+                             "mine.unjudged_queries, so the whole pipeline can be scored on the disjoint half")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -120,6 +146,9 @@ def main() -> None:
         train_ids, scored_ids = document_disjoint_halves(judged, args.seed)
     if 0 < args.max_train_queries < len(train_ids):
         train_ids = sorted(random.Random(args.seed).sample(train_ids, args.max_train_queries))
+    if args.write_split:
+        print(json.dumps(write_split(Path(args.write_split), Path(args.data), queries, judged, train_ids, scored_ids)))
+        return
     row = {d: i for i, d in enumerate(corpus.ids)}
 
     model = load_from_config(cfg.model)
