@@ -21,6 +21,15 @@ nDCG@10 over the scored half's judged documents, as bench/lexical_dev.py compute
 
     python bench/disjoint_dev.py --labels human --mode contrastive
     python bench/disjoint_dev.py --labels teacher --mode frozen
+
+--write_split DIR writes the halves as a BEIR folder and stops, to score the whole pipeline (the
+recipe's mining, schedule and evaluation, not this script's loop) on the same split:
+
+    python bench/disjoint_dev.py --write_split /tmp/sfsplit
+    bash scripts/pipeline.sh recipes/scifact-minilm-cpu.yaml --run_dir runs/split \
+        --data.corpus /tmp/sfsplit --data.eval /tmp/sfsplit --data.eval_split scored_half \
+        --mine.generated false --mine.unjudged_queries /tmp/sfsplit/train_half_queries.jsonl \
+        --mine.teacher_bm25_weight 0.25 --model.lexical_weight_rule fixed
 """
 from __future__ import annotations
 
