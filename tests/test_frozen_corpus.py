@@ -109,7 +109,9 @@ def frozen_setup(tmp_path):
 def frozen_cmd(model, data, run_dir, corpus, cache, *extra, launcher=(sys.executable,)):
     return train_cmd(model, data, run_dir, "--data.corpus", str(corpus), "--train.stages.0.frozen_documents", "true",
                      "--mine.teacher_candidates", "3", "--mine.teacher_bm25_weight", "0.3", "--mine.cache_dir", str(cache), "--train.max_steps", "3",
-                     "--train.precision", "fp32", *extra, launcher=launcher)
+                     # both pinned: auto would pick bf16 on a CPU with native bf16, and the corpus is
+                     # encoded at mining's precision (its cache is shared with mining)
+                     "--train.precision", "fp32", "--mine.encode_precision", "fp32", *extra, launcher=launcher)
 
 
 def test_frozen_stage_trains_queries_against_the_cached_corpus_with_or_without_a_channel(tmp_path, tiny_bert_dir, frozen_setup):
