@@ -52,6 +52,7 @@ from lexical_dev import ndcg_at_10  # noqa: E402
 
 from embed.config import parse_recipe  # noqa: E402
 from embed.data import load_corpus, load_qrels, load_queries  # noqa: E402
+from embed.io import write_jsonl_atomic, write_text_atomic  # noqa: E402
 from embed.modeling.model import load_from_config  # noqa: E402
 from embed.retrieval.bm25_index import BM25Index  # noqa: E402
 from embed.retrieval.embedding_cache import corpus_embeddings, teacher_cache  # noqa: E402
@@ -88,20 +89,14 @@ def write_split(out: Path, data: Path, queries: dict[str, str], judged: dict[str
     """A BEIR folder over the same corpus (linked, not copied) whose qrels are the two halves."""
     (out / "qrels").mkdir(parents=True, exist_ok=True)
     link = out / "corpus.jsonl"
-    if not link.exists():
-        link.symlink_to((data / "corpus.jsonl").resolve())
-    with open(out / "queries.jsonl", "w") as f:
-        for q in [*train_ids, *scored_ids]:
-            f.write(json.dumps({"_id": q, "text": queries[q]}) + "\n")
-    with open(out / "train_half_queries.jsonl", "w") as f:
-        for q in train_ids:
-            f.write(json.dumps({"_id": q, "text": queries[q]}) + "\n")
+    if link.is_symlink():  # a folder written before, perhaps from another --data
+        link.unlink()
+    link.symlink_to((data / "corpus.jsonl").resolve())
+    write_jsonl_atomic(out / "queries.jsonl", ({"_id": q, "text": queries[q]} for q in [*train_ids, *scored_ids]))
+    write_jsonl_atomic(out / "train_half_queries.jsonl", ({"_id": q, "text": queries[q]} for q in train_ids))
     for name, ids in (("train_half", train_ids), ("scored_half", scored_ids)):
-        with open(out / "qrels" / f"{name}.tsv", "w") as f:
-            f.write("query-id\tcorpus-id\tscore\n")
-            for q in ids:
-                for d, g in sorted(judged[q].items()):
-                    f.write(f"{q}\t{d}\t{g}\n")
+        lines = [f"{q}\t{d}\t{g}\n" for q in ids for d, g in sorted(judged[q].items())]
+        write_text_atomic(out / "qrels" / f"{name}.tsv", "query-id\tcorpus-id\tscore\n" + "".join(lines))
     return {"wrote": str(out), "train_half": len(train_ids), "scored_half": len(scored_ids)}
 
 
