@@ -4,11 +4,12 @@ Measures, on judged queries no recipe trains on, what `model.lexical_scheme` and
 do before any training: SciFact's train pairs (`--split train`) and CACM (the second dev domain,
 `--split test`). The base model's corpus embeddings come from (or go to) the cache generation and
 mining share; each scheme is fitted on the folder's corpus as training fits it (same buckets and
-seed as the recipe). nDCG@10 over the judged documents (graded gain, log2 discount), as MTEB's
+seed as the recipe), reading each text's first `--lexical_max_length` tokens (0: the dense half's cut). nDCG@10 over the judged documents (graded gain, log2 discount), as MTEB's
 evaluator computes it. Prints one JSON object.
 
     python bench/lexical_dev.py --data ../shared/data/scifact --split train
     python bench/lexical_dev.py --data ../shared/data/cacm --split test
+    python bench/lexical_dev.py --data ../shared/data/scifact --split train --lexical_max_length 0
 """
 from __future__ import annotations
 
@@ -49,9 +50,12 @@ def main() -> None:
     parser.add_argument("--split", default="train", help="the judged split to score (never a test set you tune for)")
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "scifact-minilm-cpu.yaml"),
                         help="model settings, buckets and seed from this recipe")
+    parser.add_argument("--lexical_max_length", type=int, default=None,
+                        help="tokens of each text the channel reads (default: the recipe's; 0 = the dense half's cut)")
     args = parser.parse_args()
+    overrides = [] if args.lexical_max_length is None else ["--model.lexical_max_length", str(args.lexical_max_length)]
     cfg = parse_recipe("mine", [args.recipe, "--run_dir", "/tmp/lexical_dev", "--data.corpus", args.data,
-                                "--data.eval", json.dumps([args.data])])
+                                "--data.eval", json.dumps([args.data]), *overrides])
     started = time.perf_counter()
     corpus = load_corpus(args.data)
     texts = [corpus.doc_text(i) for i in range(len(corpus))]
@@ -67,9 +71,11 @@ def main() -> None:
     qrels = [judged[q] for q in qids]
     result = {"data": args.data, "split": args.split, "queries": len(qids), "documents": len(corpus),
               "model": cfg.model.name_or_path, "precision": "fp32", "lexical_dim": cfg.model.lexical_dim,
+              "lexical_max_length": cfg.model.lexical_max_length,
               "corpus_embeddings_cached": hit, "dense": ndcg_at_10(dense, qrels, corpus.ids), "schemes": {}}
     for scheme in ("tfidf", "bm25"):
-        channel = fit_lexical_channel(model, texts, cfg.model.lexical_dim, 0.5, seed=cfg.seed, scheme=scheme)
+        channel = fit_lexical_channel(model, texts, cfg.model.lexical_dim, 0.5, seed=cfg.seed, scheme=scheme,
+                                      max_length=cfg.model.lexical_max_length or None)
         lexical = lexical_scores(model, channel, query_texts, texts)
         by_weight = {str(w): ndcg_at_10((1 - w) * dense + w * lexical, qrels, corpus.ids) for w in DEFAULT_GRID if w}
         best = max(by_weight, key=lambda w: (by_weight[w], -float(w)))

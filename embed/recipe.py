@@ -62,6 +62,7 @@ class ModelConfig:
     lexical_weight: float = opt(0.0, "w > 0: add a lexical channel to the model (embed.modeling.lexical), fitted on data.corpus and appended to the dense embedding so that the score is (1 - w) dense cosine + w lexical score; train.lexical_aware says whether it is attached before or after training")
     lexical_scheme: Literal["bm25", "tfidf"] = opt("bm25", "the lexical channel's score: bm25 = BM25 of stemmed words over the query's best possible score (dot-product model); tfidf = cosine of word-piece TF-IDF (its lexical half also exported as a SparseEncoder)")
     lexical_dim: int = opt(4096, "hashed buckets of the lexical channel (its share of the embedding's dimensions)")
+    lexical_max_length: int = opt(4096, "tokens of each text the lexical channel reads (BM25 scores the whole document where the dense half reads model.max_length); 0 = model.max_length and model.query_max_length, the dense half's cut")
     lexical_weight_rule: Literal["fixed", "generated"] = opt("fixed", "how the lexical channel's weight is set: fixed = model.lexical_weight; generated = chosen by the mining stage from this domain's generated queries (embed.retrieval.channel_weight; 0 = no channel) and read by training from run_dir/mine_summary.json")
 
 
@@ -264,6 +265,8 @@ class Recipe:
                 raise ConfigError(f"key 'model.lexical_weight' must be 0 (off) or in (0, 1), got {self.model.lexical_weight}")
             if self.model.lexical_dim < 1:
                 raise ConfigError("key 'model.lexical_dim' must be >= 1")
+            if self.model.lexical_max_length < 0:
+                raise ConfigError("key 'model.lexical_max_length' must be >= 0 (0 = the dense half's cut)")
             if not self.model.normalize or self.model.matryoshka_dims:
                 raise ConfigError("key 'model.lexical_weight' needs model.normalize: true and no model.matryoshka_dims "
                                   "(the channel mixes two unit-norm halves)")

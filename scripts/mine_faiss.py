@@ -156,7 +156,7 @@ def main():
     })
     if weight_choice is not None:
         summary["lexical_channel"] = {**dataclasses.asdict(weight_choice), "scheme": cfg.model.lexical_scheme,
-                                      "dim": cfg.model.lexical_dim,
+                                      "dim": cfg.model.lexical_dim, "max_length": cfg.model.lexical_max_length,
                                       "rule": "embed.retrieval.channel_weight (generated queries)"}
     write_json_atomic(run_dir / "mine_summary.json", summary)
     teacher_label = teacher_name + (f" + BM25 x {mc.teacher_bm25_weight}" if mc.teacher_bm25_weight else "")
@@ -177,7 +177,7 @@ def choose_weight(cfg, model, corpus, texts, corpus_emb, encode):
         raise DataError(f"{Path(cfg.run_dir) / 'queries.jsonl'}: no generated queries to choose the lexical weight on "
                         "(model.lexical_weight_rule: generated)")
     channel = fit_lexical_channel(model, texts, cfg.model.lexical_dim, weight=0.5, seed=cfg.seed,
-                                  scheme=cfg.model.lexical_scheme)
+                                  scheme=cfg.model.lexical_scheme, max_length=cfg.model.lexical_max_length or None)
     dense = encode(queries, "query").astype(np.float32) @ np.asarray(corpus_emb, dtype=np.float32).T  # [Q, N]
     return choose_channel_weight(dense, lexical_scores(model, channel, queries, texts), np.asarray(rows))
 

@@ -130,5 +130,9 @@ def test_training_takes_the_weight_mining_chose_or_refuses_without_it(tmp_path):
         channel_weight(generated)  # a summary without a scheme predates them: TF-IDF
     (tmp_path / "mine_summary.json").write_text(json.dumps({"lexical_channel": {"weight": 0.0, "reason": "channel off: x",
                                                                                 "scheme": "bm25"}}))
+    with pytest.raises(ConfigError, match="chosen for model.lexical_max_length 0, this run trains 4096"):
+        channel_weight(generated)  # a summary without the key predates it: the dense half's cut
+    (tmp_path / "mine_summary.json").write_text(json.dumps({"lexical_channel": {"weight": 0.0, "reason": "channel off: x",
+                                                                                "scheme": "bm25", "max_length": 4096}}))
     assert channel_weight(generated) == (0.0, f"chosen by mining ({tmp_path / 'mine_summary.json'}): channel off: x")
     assert run_settings(generated)["model.lexical_weight"] == 0.0  # a re-mined choice changes the fingerprint

@@ -118,6 +118,8 @@ def test_recipe_checks_the_lexical_keys(tmp_path):
         parse_recipe("train", [*base, "--model.lexical_weight", "0.5", "--model.normalize", "false"])
     with pytest.raises(ConfigError, match="needs data.corpus"):
         parse_recipe("train", ["--run_dir", str(tmp_path / "r"), "--model.lexical_weight", "0.5"])
+    with pytest.raises(ConfigError, match="model.lexical_max_length' must be >= 0"):
+        parse_recipe("train", [*base, "--model.lexical_weight", "0.5", "--model.lexical_max_length", "-1"])
 
 
 def test_training_with_lexical_weight_saves_the_channel_fitted_on_the_corpus(tmp_path, tiny_bert_dir):
@@ -224,3 +226,69 @@ def test_bm25_model_scores_by_dot_product_and_round_trips_through_sentence_trans
     np.testing.assert_allclose(st.encode_document(ABSTRACTS), documents, atol=1e-5)
     np.testing.assert_allclose(st.encode(ABSTRACTS), documents, atol=1e-5)
     np.testing.assert_allclose(st.similarity(queries, documents).numpy(), queries @ documents.T, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the channel's own cut
+LONG_ABSTRACTS = [("Cell division in budding yeast. " * 12) + "Zebrafish hearts regenerate after injury.", *ABSTRACTS[1:]]
+
+
+def test_channel_with_its_own_cut_scores_the_whole_document_and_the_dense_half_does_not_change(tiny_bert_dir):
+    """max_length on the channel: the lexical half scores BM25 over the whole text (bm25s by hand, on
+    the full abstracts), where the dense half, and a channel without the key, stop at the model's cut."""
+    model = EmbeddingModel.from_pretrained(str(tiny_bert_dir), max_length=16)
+    assert len(model.tokenizer(LONG_ABSTRACTS[0])["input_ids"]) > 4 * 16  # the match lies past the dense cut
+    dense = model.encode(LONG_ABSTRACTS)
+    model.lexical = fit_lexical_channel(model, LONG_ABSTRACTS, dim=1 << 20, weight=0.5, scheme="bm25", max_length=512)
+    assert model.lexical.max_length == 512
+    queries, documents = model.encode(QUERIES, kind="query"), model.encode(LONG_ABSTRACTS)
+    np.testing.assert_allclose(documents[:, :32], np.sqrt(0.5) * dense, atol=1e-6)
+    lexical = 2 * (queries[:, 32:] @ documents[:, 32:].T)  # each half carries sqrt(w) = sqrt(0.5)
+    expected = _bm25_by_hand([t.lower() for t in LONG_ABSTRACTS], QUERIES, model.lexical.k1, model.lexical.b)
+    assert expected[0, 0] > 0
+    np.testing.assert_allclose(lexical, expected, atol=1e-5)
+
+    model.lexical = fit_lexical_channel(model, LONG_ABSTRACTS, dim=1 << 20, weight=0.5, scheme="bm25")
+    cut = model.encode(QUERIES, kind="query")[:1, 32:] @ model.encode(LONG_ABSTRACTS[:1])[:, 32:].T
+    assert model.lexical.max_length is None and float(cut.item()) == 0.0  # the dense half's 16 tokens: yeast only
+
+
+@pytest.mark.parametrize("scheme", ["bm25", "tfidf"])
+def test_own_cut_round_trips_through_sentence_transformers_and_the_dense_half_needs_no_remote_code(
+        tmp_path, tiny_bert_dir, scheme):
+    """Saved with its own cut, the model's first module tokenises for the channel too: sentence-transformers
+    (with the opt-in) gives our vectors; the dense half is the plain Transformer again and loads without it."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingModel.from_pretrained(str(tiny_bert_dir), max_length=16)
+    model.lexical = fit_lexical_channel(model, LONG_ABSTRACTS, dim=256, weight=0.4, scheme=scheme, seed=3, max_length=512)
+    model.save_pretrained(tmp_path / "m")
+    modules = json.loads((tmp_path / "m" / "modules.json").read_text())
+    assert modules[0]["type"] == "embed.modeling.lexical.LexicalInputTransformer"
+    queries, documents = model.encode(QUERIES, kind="query"), model.encode(LONG_ABSTRACTS, kind="document")
+    again = EmbeddingModel.from_pretrained(str(tmp_path / "m"))
+    assert again.lexical.max_length == 512 and again.settings.max_length == 16
+    np.testing.assert_allclose(again.encode(LONG_ABSTRACTS, kind="document"), documents, atol=1e-6)
+    st = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
+    np.testing.assert_allclose(st.encode_document(LONG_ABSTRACTS), documents, atol=1e-5)
+    np.testing.assert_allclose(st.encode_query(QUERIES), queries, atol=1e-5)
+    dense_modules = json.loads((tmp_path / "m" / "dense" / "modules.json").read_text())
+    assert dense_modules[0]["type"] == "sentence_transformers.models.Transformer"
+    plain = SentenceTransformer(str(tmp_path / "m" / "dense"), device="cpu")
+    np.testing.assert_allclose(plain.encode_document(LONG_ABSTRACTS), documents[:, :32] / np.sqrt(0.6), atol=1e-5)
+
+
+def test_channel_saved_before_the_cut_existed_reads_the_dense_half_cut(tmp_path, tiny_bert_dir):
+    import json
+
+    model = EmbeddingModel.from_pretrained(str(tiny_bert_dir), max_length=16)
+    model.lexical = fit_lexical_channel(model, LONG_ABSTRACTS, dim=256, weight=0.4, scheme="bm25")
+    expected = model.encode(LONG_ABSTRACTS)
+    model.save_pretrained(tmp_path / "m")
+    config = tmp_path / "m" / "3_LexicalChannel" / "lexical_channel.json"
+    old = {k: v for k, v in json.loads(config.read_text()).items() if k != "max_length"}
+    config.write_text(json.dumps(old))
+    again = EmbeddingModel.from_pretrained(str(tmp_path / "m"))
+    assert again.lexical.max_length is None
+    np.testing.assert_allclose(again.encode(LONG_ABSTRACTS), expected, atol=1e-6)

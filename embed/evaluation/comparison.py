@@ -118,13 +118,14 @@ def plan_trained_run(cfg, model_dir: Path, trained_name: str, log=print) -> tupl
 
 
 def untrained_channel(base: EmbeddingModel, corpus_spec: str, trained_channel, log=print):
-    """The trained model's channel rebuilt for the base model: same scheme, buckets, weight and seed, fitted on
-    the corpus as the base model's tokenizer cuts it (what training fits, minus the training)."""
+    """The trained model's channel rebuilt for the base model: same scheme, buckets, weight, seed and cut,
+    fitted on the corpus (what training fits, minus the training)."""
     corpus = load_corpus(corpus_spec)
     log(f"untrained_hybrid: {trained_channel.scheme} lexical channel of {trained_channel.dim} buckets, "
         f"weight {trained_channel.weight}, fitted on {len(corpus)} documents of {corpus_spec}")
     return fit_lexical_channel(base, [corpus.doc_text(i) for i in range(len(corpus))], trained_channel.dim,
-                               trained_channel.weight, seed=trained_channel.seed, scheme=trained_channel.scheme)
+                               trained_channel.weight, seed=trained_channel.seed, scheme=trained_channel.scheme,
+                               max_length=trained_channel.max_length)
 
 
 def plan_one_model(cfg) -> tuple[list[Network], dict[str, str]]:

@@ -249,8 +249,8 @@ def _dense_bm25_usage(load_path: str, settings, channel, dense_package_modules: 
         "Snowball stemmer, as bm25s tokenises) divided by the query's best possible score, the sum of its "
         "terms' IDF: any engine with BM25 serves it." + trust_note +
         f" Fuse with the model's lexical weight w = {channel.weight}: `(1 - w) * dense_cosine + w * bm25 / "
-        "bound`. This is the one-vector model's score up to hashing collisions and truncation (the model "
-        f"reads a document's first {settings.max_length} tokens).\n\n"
+        "bound`. This is the one-vector model's score up to hashing collisions and truncation (the model's "
+        f"lexical half reads a text's first {channel.max_length or settings.max_length} tokens).\n\n"
         f"```python\n{opening}import bm25s\nimport numpy as np\nimport Stemmer\n"
         "from sentence_transformers import SentenceTransformer\n\n"
         'documents = ["..."]\nqueries = ["..."]\n'

@@ -51,6 +51,7 @@ ST_POOLING = "sentence_transformers.models.Pooling"
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
 LATENT_ATTENTION_ST = "embed.modeling.latent_attention.LatentAttentionST"
 LEXICAL_CHANNEL_ST = "embed.modeling.lexical.LexicalChannelST"
+LEXICAL_INPUT_ST = "embed.modeling.lexical.LexicalInputTransformer"  # module 0 when the channel has its own cut
 # module paths of models saved before embed/ was grouped by stage: they still load
 LEGACY_MODULE_TYPES = {"embed.latent_attention.LatentAttentionST": LATENT_ATTENTION_ST,
                        "embed.lexical.LexicalChannelST": LEXICAL_CHANNEL_ST}
@@ -115,7 +116,7 @@ def read_saved_settings(folder: Path) -> tuple[EncoderSettings, Optional[tuple[s
         elif m["type"] == LATENT_ATTENTION_ST:
             custom_pooling = ("latent_attention", mdir)
             settings.pool_prompt_tokens = _read_json(mdir / "latent_attention_st.json").get("include_prompt", True)
-        elif not m["type"].startswith("sentence_transformers.") and m["type"] != LEXICAL_CHANNEL_ST:
+        elif not m["type"].startswith("sentence_transformers.") and m["type"] not in (LEXICAL_CHANNEL_ST, LEXICAL_INPUT_ST):
             raise ModelLoadError(f"{folder}/modules.json: module type '{m['type']}' is not supported")
     st_cfg = _read_json(folder / "sentence_bert_config.json")
     settings.max_length = st_cfg.get("max_seq_length") or settings.max_length
@@ -235,11 +236,24 @@ class EmbeddingModel(nn.Module):
         attention_mask = features["attention_mask"]
         content_mask = exclude_prompt(attention_mask, self._prompt_length(prompt)) if prompt else attention_mask
         features["pooling_mask"] = attention_mask.clone() if self.settings.pool_prompt_tokens else content_mask
-        if self.lexical is not None:  # a prompt's words are in every query: kept out of lexical matching
-            features["lexical_mask"] = content_mask
-            # per row, so that chunking a batch by rows (GradCache) keeps it aligned
-            features["lexical_query"] = torch.full((attention_mask.shape[0],), kind == "query", dtype=torch.bool)
+        if self.lexical is not None:
+            features.update(self.lexical_features(texts, kind, prompt, features["input_ids"], content_mask))
         return dict(features)
+
+    def lexical_features(self, texts: list[str], kind: str, prompt: str, input_ids: torch.Tensor,
+                         content_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the lexical channel reads: the texts cut at its own `max_length` (tokenised again; a
+        channel without one reads the dense half's tokens), the prompt masked out (a prompt's words
+        are in every query: they must not match documents), and a per-row query flag (per row, so
+        chunking a batch by rows, as GradCache does, keeps it aligned)."""
+        if self.lexical.max_length is not None:
+            cut = self.tokenizer([prompt + t for t in texts], padding=True, truncation=True,
+                                 max_length=self.lexical.max_length, return_tensors="pt")
+            input_ids = cut["input_ids"]
+            content_mask = (exclude_prompt(cut["attention_mask"], self._prompt_length(prompt)) if prompt
+                            else cut["attention_mask"])
+        return {"lexical_input_ids": input_ids, "lexical_mask": content_mask,
+                "lexical_query": torch.full((len(texts),), kind == "query", dtype=torch.bool)}
 
     # ------------------------------------------------------------ forward
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -254,8 +268,8 @@ class EmbeddingModel(nn.Module):
         if self.settings.normalize:
             embeddings = nn.functional.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
         if self.lexical is not None:
-            embeddings = self.lexical(embeddings, features["input_ids"], features.get("lexical_mask", features["attention_mask"]),
-                                      features.get("lexical_query"))
+            embeddings = self.lexical(embeddings, features.get("lexical_input_ids", features["input_ids"]),
+                                      features.get("lexical_mask", features["attention_mask"]), features.get("lexical_query"))
         return embeddings
 
     @torch.inference_mode()
@@ -295,7 +309,8 @@ class EmbeddingModel(nn.Module):
         self.tokenizer.save_pretrained(path)
         s = self.settings
         # a bidirectional decoder needs no custom module: config.json carries is_causal=false
-        modules = [{"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER}]
+        own_cut = self.lexical is not None and self.lexical.max_length is not None
+        modules = [{"idx": 0, "name": "0", "path": "", "type": LEXICAL_INPUT_ST if own_cut else ST_TRANSFORMER}]
         if getattr(type(self.pooling), "st_mode", None):
             pool_dir = "1_Pooling"
             (path / pool_dir).mkdir(exist_ok=True)
@@ -320,7 +335,10 @@ class EmbeddingModel(nn.Module):
                 str(path / "3_LexicalChannel"))
             modules.append({"idx": 3, "name": "3", "path": "3_LexicalChannel", "type": LEXICAL_CHANNEL_ST})
         (path / "modules.json").write_text(json.dumps(modules, indent=2))
-        (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": s.max_length, "do_lower_case": False}, indent=2))
+        transformer_config = {"max_seq_length": s.max_length, "do_lower_case": False}
+        if own_cut:
+            transformer_config["lexical_max_length"] = self.lexical.max_length
+        (path / "sentence_bert_config.json").write_text(json.dumps(transformer_config, indent=2))
         prompts = {"query": s.query_prompt, "document": s.document_prompt}
         (path / "config_sentence_transformers.json").write_text(json.dumps({
             "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": self.similarity_fn_name,
@@ -334,7 +352,7 @@ class EmbeddingModel(nn.Module):
 
             export_dense_half(path)
             if self.lexical.scheme == "tfidf":  # BM25 is served by the database's own BM25 (see the card)
-                export_sparse_half(path, self.tokenizer, self.lexical, s.max_length)
+                export_sparse_half(path, self.tokenizer, self.lexical, self.lexical.max_length or s.max_length)
 
 
 def dense_view(model: EmbeddingModel) -> EmbeddingModel:

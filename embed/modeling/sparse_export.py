@@ -27,9 +27,10 @@ How the sparse export differs from the in-model channel, and why it is close eno
   collisions are gone; the hashed signs with them);
 - no prompt: the channel keeps prompt tokens out of lexical matching; the export saves empty
   prompts, so `encode_query` / `encode_document` add none either;
-- truncation: the tokenizer saved with it cuts a text at the model's document limit
-  (`max_length`, minus the special tokens the channel counted in it), for queries too; the channel
-  cuts queries at `query_max_length` and counts a document prompt in the document limit.
+- truncation: the tokenizer saved with it cuts a text where the channel cuts documents (its own
+  `max_length`, or the model's document limit for a channel without one), minus the special tokens
+  the channel counted in it, for queries too; a channel without its own cut reads queries to
+  `query_max_length` and counts a document prompt in the document limit.
 Special tokens weigh 0, as in the channel (SparseStaticEmbedding adds none, but a text may spell one).
 """
 from __future__ import annotations
@@ -50,7 +51,8 @@ from embed.modeling.lexical import LexicalChannel, LexicalChannelST
 DENSE_DIR = "dense"
 SPARSE_DIR = "sparse"
 LEXICAL_CHANNEL_TYPE = f"{LexicalChannelST.__module__}.{LexicalChannelST.__qualname__}"
-NOT_COPIED = {"modules.json", "README.md"}  # the dense half's own module list; the card is the main folder's
+NOT_COPIED = {"modules.json", "README.md", "sentence_bert_config.json"}  # the dense half writes its own; the card is the main folder's
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 
 
 def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -66,9 +68,16 @@ def export_dense_half(folder: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     modules = [m for m in json.loads((folder / "modules.json").read_text()) if m["type"] != LEXICAL_CHANNEL_TYPE]
+    # the first module tokenises for the channel too when it has its own cut: the dense half's is the plain one
+    modules = [{**m, "type": ST_TRANSFORMER} if m["idx"] == 0 and m["type"].startswith("embed.") else m for m in modules]
     for path in folder.iterdir():
         if path.is_file() and path.name not in NOT_COPIED:
             _link_or_copy(path, out / path.name)
+    transformer_config = folder / "sentence_bert_config.json"
+    if transformer_config.is_file():
+        config = json.loads(transformer_config.read_text())
+        config.pop("lexical_max_length", None)
+        (out / transformer_config.name).write_text(json.dumps(config, indent=2))
     for m in modules:
         if m["path"]:
             shutil.copytree(folder / m["path"], out / m["path"], copy_function=_link_or_copy)

@@ -70,14 +70,14 @@ def choose_channel_weight(dense: np.ndarray, lexical: np.ndarray, source_rows: n
 
 def lexical_scores(model, channel, queries: list[str], documents: list[str], batch_size: int = 256) -> np.ndarray:
     """[Q, N] lexical scores of the channel (the dot product of its query and document vectors), queries
-    without their prompt (as the channel sees them) and documents as the model cuts them; documents in
-    blocks, so memory is O(Q x N)."""
+    without their prompt (as the channel sees them) and texts cut where the channel cuts them;
+    documents in blocks, so memory is O(Q x N)."""
     import torch
 
     def vectors(texts, kind):
         out = []
         for start in range(0, len(texts), batch_size):
-            features = model.tokenize(texts[start:start + batch_size], kind=kind, prompt="")
+            features = model.tokenize(texts[start:start + batch_size], kind=kind, prompt="", max_length=channel.max_length)
             is_query = torch.full((len(features["input_ids"]),), kind == "query", dtype=torch.bool)
             with torch.no_grad():
                 out.append(channel.lexical(features["input_ids"], features["attention_mask"], is_query))

@@ -185,6 +185,10 @@ def channel_weight(cfg) -> tuple[float, str]:
     if scheme != cfg.model.lexical_scheme:
         raise ConfigError(f"{path}: the lexical weight was chosen for model.lexical_scheme {scheme}, this run "
                           f"trains {cfg.model.lexical_scheme}: rerun scripts/mine_faiss.py with the same recipe")
+    cut = choice.get("max_length", 0)  # choices written before the key read the dense half's cut
+    if cut != cfg.model.lexical_max_length:
+        raise ConfigError(f"{path}: the lexical weight was chosen for model.lexical_max_length {cut}, this run "
+                          f"trains {cfg.model.lexical_max_length}: rerun scripts/mine_faiss.py with the same recipe")
     return weight, f"chosen by mining ({path}): {choice['reason']}"
 
 
@@ -197,7 +201,8 @@ def lexical_channel(cfg, model, weight: float):
 
     corpus = load_corpus(cfg.data.corpus)
     channel = fit_lexical_channel(model, [corpus.doc_text(i) for i in range(len(corpus))],
-                                  cfg.model.lexical_dim, weight, seed=cfg.seed, scheme=cfg.model.lexical_scheme)
+                                  cfg.model.lexical_dim, weight, seed=cfg.seed, scheme=cfg.model.lexical_scheme,
+                                  max_length=cfg.model.lexical_max_length or None)
     return channel, len(corpus)
 
 
