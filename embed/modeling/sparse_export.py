@@ -47,12 +47,13 @@ from sentence_transformers.base.modules import Normalize
 from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding
 
 from embed.modeling.lexical import LexicalChannel, LexicalChannelST
-from embed.modeling.model import ST_TRANSFORMER
 
 DENSE_DIR = "dense"
 SPARSE_DIR = "sparse"
 LEXICAL_CHANNEL_TYPE = f"{LexicalChannelST.__module__}.{LexicalChannelST.__qualname__}"
 NOT_COPIED = {"modules.json", "README.md", "sentence_bert_config.json"}  # the dense half writes its own; the card is the main folder's
+# the plain first module of a dense half (spelled here: embed.modeling.model imports this module)
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 
 
 def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
