@@ -75,7 +75,7 @@ def main() -> None:
               "corpus_embeddings_cached": hit, "dense": ndcg_at_10(dense, qrels, corpus.ids), "schemes": {}}
     for scheme in ("tfidf", "bm25"):
         channel = fit_lexical_channel(model, texts, cfg.model.lexical_dim, 0.5, seed=cfg.seed, scheme=scheme,
-                                      max_length=cfg.model.lexical_max_length or None)
+                                      max_length=cfg.model.lexical_max_length)
         lexical = lexical_scores(model, channel, query_texts, texts)
         by_weight = {str(w): ndcg_at_10((1 - w) * dense + w * lexical, qrels, corpus.ids) for w in DEFAULT_GRID if w}
         best = max(by_weight, key=lambda w: (by_weight[w], -float(w)))

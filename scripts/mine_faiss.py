@@ -177,7 +177,7 @@ def choose_weight(cfg, model, corpus, texts, corpus_emb, encode):
         raise DataError(f"{Path(cfg.run_dir) / 'queries.jsonl'}: no generated queries to choose the lexical weight on "
                         "(model.lexical_weight_rule: generated)")
     channel = fit_lexical_channel(model, texts, cfg.model.lexical_dim, weight=0.5, seed=cfg.seed,
-                                  scheme=cfg.model.lexical_scheme, max_length=cfg.model.lexical_max_length or None)
+                                  scheme=cfg.model.lexical_scheme, max_length=cfg.model.lexical_max_length)
     dense = encode(queries, "query").astype(np.float32) @ np.asarray(corpus_emb, dtype=np.float32).T  # [Q, N]
     return choose_channel_weight(dense, lexical_scores(model, channel, queries, texts), np.asarray(rows))
 

@@ -369,7 +369,7 @@ def append_channel(model, texts: list[str], dense: Tensor, kind: str, batch_size
     EmbeddingModel carrying the channel: its tokenisation keeps a prompt out of lexical matching."""
     device = model.lexical.idf.device
     for start in range(0, len(texts), batch_size):
-        features = model.tokenize(texts[start:start + batch_size], kind=kind)
+        features = model.lexical_tokens(texts[start:start + batch_size], kind=kind)  # no dense tokens: no network
         yield model.lexical(dense[start:start + batch_size].to(device), features["lexical_input_ids"].to(device),
                             features["lexical_mask"].to(device), features["lexical_query"].to(device))
 
@@ -377,8 +377,8 @@ def append_channel(model, texts: list[str], dense: Tensor, kind: str, batch_size
 def fit_lexical_channel(model, texts: list[str], dim: int, weight: float, seed: int = 0, scheme: str = "tfidf",
                         batch_size: int = 1024, max_length: Optional[int] = None):
     """The channel of `scheme` for `model` (an EmbeddingModel), its statistics over `texts` as the
-    channel will read them: their first `max_length` tokens (None: the model's document cut),
-    streamed in batches."""
+    channel will read them: their first `max_length` tokens (0 or None: the model's document cut,
+    as model.lexical_max_length says), streamed in batches."""
     tokenizer = model.tokenizer
 
     def token_ids():
@@ -390,5 +390,5 @@ def fit_lexical_channel(model, texts: list[str], dim: int, weight: float, seed: 
         channel = BM25Channel.fit(tokenizer, token_ids(), dim, weight, seed, batch_size)
     else:
         channel = LexicalChannel.fit(token_ids(), len(tokenizer), tokenizer.all_special_ids, dim, weight, seed)
-    channel.max_length = max_length
+    channel.max_length = max_length or None
     return channel

@@ -222,37 +222,46 @@ class EmbeddingModel(nn.Module):
             self._prompt_lengths[prompt] = n
         return self._prompt_lengths[prompt]
 
+    def _kind_prompt(self, kind: str) -> str:
+        return self.settings.query_prompt if kind == "query" else self.settings.document_prompt
+
+    def _kind_max_length(self, kind: str) -> int:
+        return self.settings.query_max_length if kind == "query" else self.settings.max_length
+
     def tokenize(self, texts: list[str], kind: str = "document", max_length: Optional[int] = None,
                  prompt: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Tokenise with the kind's prompt prepended; adds `pooling_mask` (prompt tokens zeroed if excluded)."""
         if kind not in ("query", "document"):
             raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
-        if prompt is None:
-            prompt = self.settings.query_prompt if kind == "query" else self.settings.document_prompt
-        if max_length is None:
-            max_length = self.settings.query_max_length if kind == "query" else self.settings.max_length
+        prompt = self._kind_prompt(kind) if prompt is None else prompt
+        max_length = max_length or self._kind_max_length(kind)
         features = self.tokenizer([prompt + t for t in texts], padding=True, truncation=True,
                                   max_length=max_length, return_tensors="pt")
         attention_mask = features["attention_mask"]
         content_mask = exclude_prompt(attention_mask, self._prompt_length(prompt)) if prompt else attention_mask
         features["pooling_mask"] = attention_mask.clone() if self.settings.pool_prompt_tokens else content_mask
         if self.lexical is not None:
-            features.update(self.lexical_features(texts, kind, prompt, features["input_ids"], content_mask))
+            features.update(self.lexical_tokens(texts, kind, prompt, dense=(features["input_ids"], content_mask)))
         return dict(features)
 
-    def lexical_features(self, texts: list[str], kind: str, prompt: str, input_ids: torch.Tensor,
-                         content_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What the lexical channel reads: the texts cut at its own `max_length` (tokenised again; a
-        channel without one reads the dense half's tokens), the prompt masked out (a prompt's words
-        are in every query: they must not match documents), and a per-row query flag (per row, so
-        chunking a batch by rows, as GradCache does, keeps it aligned)."""
-        if self.lexical.max_length is not None:
+    def lexical_tokens(self, texts: list[str], kind: str, prompt: Optional[str] = None,
+                       dense: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """What the lexical channel reads: the texts cut at its own `max_length` (a channel without one
+        reads the dense half's cut: `dense`, the dense half's (input_ids, content mask), is then reused
+        instead of tokenising again), the prompt masked out (a prompt's words are in every query: they
+        must not match documents), and a per-row query flag (per row, so chunking a batch by rows, as
+        GradCache does, keeps it aligned). With its own cut a text is tokenised twice, once per half:
+        the dense half's ids must end where its model's special tokens say, and a fast tokenizer's
+        second pass is small next to the forward pass (bench/README.md)."""
+        prompt = self._kind_prompt(kind) if prompt is None else prompt
+        if dense is not None and self.lexical.max_length is None:
+            input_ids, mask = dense
+        else:
             cut = self.tokenizer([prompt + t for t in texts], padding=True, truncation=True,
-                                 max_length=self.lexical.max_length, return_tensors="pt")
-            input_ids = cut["input_ids"]
-            content_mask = (exclude_prompt(cut["attention_mask"], self._prompt_length(prompt)) if prompt
-                            else cut["attention_mask"])
-        return {"lexical_input_ids": input_ids, "lexical_mask": content_mask,
+                                 max_length=self.lexical.max_length or self._kind_max_length(kind), return_tensors="pt")
+            input_ids, mask = cut["input_ids"], cut["attention_mask"]
+            mask = exclude_prompt(mask, self._prompt_length(prompt)) if prompt else mask
+        return {"lexical_input_ids": input_ids, "lexical_mask": mask,
                 "lexical_query": torch.full((len(texts),), kind == "query", dtype=torch.bool)}
 
     # ------------------------------------------------------------ forward
@@ -268,8 +277,8 @@ class EmbeddingModel(nn.Module):
         if self.settings.normalize:
             embeddings = nn.functional.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
         if self.lexical is not None:
-            embeddings = self.lexical(embeddings, features.get("lexical_input_ids", features["input_ids"]),
-                                      features.get("lexical_mask", features["attention_mask"]), features.get("lexical_query"))
+            embeddings = self.lexical(embeddings, features["lexical_input_ids"], features["lexical_mask"],
+                                      features["lexical_query"])
         return embeddings
 
     @torch.inference_mode()

@@ -202,7 +202,7 @@ def lexical_channel(cfg, model, weight: float):
     corpus = load_corpus(cfg.data.corpus)
     channel = fit_lexical_channel(model, [corpus.doc_text(i) for i in range(len(corpus))],
                                   cfg.model.lexical_dim, weight, seed=cfg.seed, scheme=cfg.model.lexical_scheme,
-                                  max_length=cfg.model.lexical_max_length or None)
+                                  max_length=cfg.model.lexical_max_length)
     return channel, len(corpus)
 
 
