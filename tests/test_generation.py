@@ -41,6 +41,7 @@ from embed.generation.prompts import (
     ANSWER_PREFIX,
     ANSWER_SCHEMA,
     DEFAULT_TASK,
+    EXAMPLE_DOCUMENT,
     PromptBuilder,
     example_texts,
     parse_answer,
@@ -153,6 +154,28 @@ def test_shared_prefix_is_the_chat_before_the_document(tiny_generator):
     assert text.startswith(prefix) and prefix.endswith("<|user|>") and "the document text" not in prefix
     assert prefix == shared_prefix(PromptBuilder().build("another text", "claim"), render_chat(
         tok, PromptBuilder().build("another text", "claim")))
+
+
+def test_a_generator_without_chat_template_is_prompted_with_a_transcript(tiny_generator, tmp_path):
+    """A pretrained model without a chat template generates (it raised from apply_chat_template
+    before), and its worked example is still a prefix computed once for every document."""
+    import shutil
+
+    pretrained = tmp_path / "pretrained"
+    shutil.copytree(tiny_generator, pretrained)
+    (pretrained / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((pretrained / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (pretrained / "tokenizer_config.json").write_text(json.dumps(config))
+    backend = TransformersBackend(str(pretrained), Sampling(max_new_tokens=6, temperature=0.0, top_p=1.0))
+    assert not backend.tokenizer.chat_template
+    prompts = [PromptBuilder().build(doc, "claim") for doc in ("the document text", "another text")]
+    texts = [render_chat(backend.tokenizer, p) for p in prompts]
+    prefixes = {shared_prefix(p, t) for p, t in zip(prompts, texts)}
+    assert len(prefixes) == 1 and EXAMPLE_DOCUMENT in prefixes.pop()
+    answers = backend.generate(prompts, seed=0)
+    assert answers == [backend.generate([p], seed=0)[0] for p in prompts]
+    assert all(a.startswith(ANSWER_PREFIX) for a in answers)
 
 
 def test_transformers_backend_missing_model_is_a_config_error(tmp_path):

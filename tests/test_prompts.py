@@ -15,6 +15,7 @@ from embed.generation.prompts import (
     example_texts,
     parse_answer,
     render_chat,
+    render_transcript,
     task_prompt,
     truncate_words,
 )
@@ -103,6 +104,21 @@ def test_render_chat_appends_the_answer_prefix(tiny_chat_tokenizer):
     text = render_chat(tiny_chat_tokenizer, prompt)
     assert text.endswith("<|assistant|>" + ANSWER_PREFIX)
     assert render_chat(tiny_chat_tokenizer, prompt, with_prefix=False).endswith("<|assistant|>")
+
+
+def test_a_generator_without_chat_template_gets_a_plain_transcript():
+    """A pretrained model (no chat template) continues text: the worked example's request with its
+    answer on the next line, a blank line, the document's request, and the started answer."""
+    from types import SimpleNamespace
+
+    prompt = PromptBuilder(task="Given a claim, find evidence.").build(DOC, "claim")
+    _, example_request, example_answer, request = (m["content"] for m in prompt.messages)
+    pretrained = SimpleNamespace(chat_template=None, bos_token="<bos>")
+    text = render_chat(pretrained, prompt)
+    assert text == f"<bos>{example_request}\n{example_answer}\n\n{request}\n{ANSWER_PREFIX}"
+    assert "Given a claim, find evidence." not in text  # the system message addresses an assistant
+    assert render_chat(SimpleNamespace(chat_template=None, bos_token=None), prompt, with_prefix=False) \
+        == render_transcript(prompt.messages) == text[len("<bos>"):-len(ANSWER_PREFIX)]
 
 
 def test_task_prompt_shows_documents_and_starts_a_task_answer():

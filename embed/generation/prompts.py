@@ -9,7 +9,8 @@ recipe runs on any corpus.
 
 Small generators (SmolLM2-135M) follow a format far better when they are shown one answer
 first and when the answer is started for them: local backends append `ANSWER_PREFIX` after
-the chat template so the model only has to write the query text and close the string.
+the chat template so the model only has to write the query text and close the string. A pretrained generator without
+a chat template sees the same worked example as plain text (`render_transcript`).
 """
 from __future__ import annotations
 
@@ -141,9 +142,29 @@ def truncate_words(text: str, max_words: int) -> str:
 
 
 def render_chat(tokenizer, prompt: Prompt, with_prefix: bool = True) -> str:
-    """The prompt as one string in the generator's chat format, answer started when asked."""
-    text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+    """The prompt as one string in the generator's chat format, answer started when asked. A generator
+    without a chat template (a pretrained, not instruction-tuned model) gets `render_transcript`."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+    else:  # chat templates write the BOS token themselves; the backends tokenise without special tokens
+        text = (getattr(tokenizer, "bos_token", None) or "") + render_transcript(prompt.messages)
     return text + (prompt.answer_prefix if with_prefix else "")
+
+
+def render_transcript(messages: list) -> str:
+    """The messages as plain text, blocks separated by a blank line and each answer on the line
+    below its request: a few-shot completion prompt for a pretrained model (InPars, Bonifacio et al.
+    2022, prompts GPT-3 this way). The worked example is what such a model follows, so the transcript
+    ends where the example's answer began; the answer prefix then starts the same JSON."""
+    parts: list[str] = []
+    for message in messages:
+        if message["role"] == "system":
+            continue
+        if message["role"] == "assistant" and parts:
+            parts[-1] += "\n" + message["content"]
+        else:
+            parts.append(message["content"])
+    return "\n\n".join(parts) + "\n"
 
 
 def task_prompt(documents: list[str], max_doc_words: int = 60) -> Prompt:
