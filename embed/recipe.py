@@ -99,7 +99,7 @@ class GenOpenAIConfig:
 @dataclass
 class GenConfig:
     backend: Literal["transformers", "vllm", "openai"] = opt("transformers", "LLM backend")
-    model: str = opt("smollm2", "generator: 'smollm2' (bundled GGUF), a .gguf file, a local folder or a hub id")
+    model: str = opt("smollm2", "generator: 'smollm2' (bundled GGUF), a .gguf file, a local folder or a hub id; one without a chat template (pretrained, not instruction-tuned) is prompted with plain text")
     max_docs: int = opt(0, "generate for at most this many documents, a seeded random sample (0 = all)")
     queries_per_doc: int = opt(1, "samples drawn per document")
     batch_size: int = opt(16, "prompts per generate call")
