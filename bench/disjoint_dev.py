@@ -21,6 +21,11 @@ nDCG@10 over the scored half's judged documents, as bench/lexical_dev.py compute
 
     python bench/disjoint_dev.py --labels human --mode contrastive
     python bench/disjoint_dev.py --labels teacher --mode frozen
+    python bench/disjoint_dev.py --labels teacher --max_train_queries 160 --select easiest
+
+--max_train_queries with --select compares which queries teach most at a generated set's size:
+a seeded sample, or those the base model finds hardest or easiest (where it ranks the teacher's top
+document), read without a label.
 
 --write_split DIR writes the halves as a BEIR folder and stops, to score the whole pipeline (the
 recipe's mining, schedule and evaluation, not this script's loop) on the same split:
@@ -100,6 +105,16 @@ def write_split(out: Path, data: Path, queries: dict[str, str], judged: dict[str
     return {"wrote": str(out), "train_half": len(train_ids), "scored_half": len(scored_ids)}
 
 
+def by_difficulty(base_rank: list[int], count: int, select: str) -> list[int]:
+    """Indices of the `count` queries the base model finds hardest or easiest, in their original order.
+
+    Difficulty is where the base model ranks the teacher's top document (1 = it agrees), so no label
+    is read; ties keep the original order, so the choice is deterministic."""
+    sign = -1 if select == "hardest" else 1
+    order = sorted(range(len(base_rank)), key=lambda i: (sign * base_rank[i], i))
+    return sorted(order[:count])
+
+
 def relative_bm25(index: BM25Index, texts: list[str], n_docs: int) -> np.ndarray:
     """[Q, N] BM25 over each query's best score in the corpus (BM25Index.relative_scores, all rows)."""
     rows = list(range(n_docs))
@@ -120,7 +135,10 @@ def main() -> None:
                         help="train on all of --split and score this split instead of halving (an upper bound, "
                              "never a setting chosen: e.g. test with --labels teacher = real queries, no labels)")
     parser.add_argument("--max_train_queries", type=int, default=0,
-                        help="train on a seeded sample of this many of the training half (0 = all): compare at a generated set's size")
+                        help="train on this many of the training half (0 = all): compare at a generated set's size")
+    parser.add_argument("--select", choices=("random", "hardest", "easiest"), default="random",
+                        help="which --max_train_queries: a seeded sample, or those whose teacher's top document the "
+                             "base model ranks lowest (hardest) or highest (easiest); no label is read")
     parser.add_argument("--seed", type=int, default=0, help="split, order and negatives")
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "scifact-minilm-cpu.yaml"), help="model settings")
     parser.add_argument("--write_split", default="",
@@ -148,7 +166,7 @@ def main() -> None:
         judged = {**judged, **scored_judged}
     else:
         train_ids, scored_ids = document_disjoint_halves(judged, args.seed)
-    if 0 < args.max_train_queries < len(train_ids):
+    if 0 < args.max_train_queries < len(train_ids) and args.select == "random":
         train_ids = sorted(random.Random(args.seed).sample(train_ids, args.max_train_queries))
     if args.write_split:
         print(json.dumps(write_split(Path(args.write_split), Path(args.data), queries, judged, train_ids, scored_ids)))
@@ -165,9 +183,15 @@ def main() -> None:
     base = ndcg_at_10(model.encode(scored_text, kind="query") @ base_docs.numpy().T, scored_qrels, corpus.ids)
 
     w = args.teacher_bm25_weight
-    teacher = (1 - w) * (torch.tensor(model.encode(train_text, kind="query")) @ base_docs.T) \
-        + w * torch.tensor(relative_bm25(BM25Index(texts), train_text, len(texts)))      # [Q, N]
+    cosine = torch.tensor(model.encode(train_text, kind="query")) @ base_docs.T                  # [Q, N]
+    teacher = (1 - w) * cosine + w * torch.tensor(relative_bm25(BM25Index(texts), train_text, len(texts)))
     teacher_top = teacher.argmax(1).tolist()
+    # how hard each query is for the base model, without a label: where it ranks the teacher's top document
+    base_rank = (cosine > cosine.gather(1, torch.tensor(teacher_top)[:, None])).sum(1) + 1   # [Q]
+    if 0 < args.max_train_queries < len(train_ids) and args.select != "random":
+        keep = by_difficulty(base_rank.tolist(), args.max_train_queries, args.select)
+        train_ids, train_text = [train_ids[i] for i in keep], [train_text[i] for i in keep]
+        teacher, teacher_top, base_rank = teacher[keep], [teacher_top[i] for i in keep], base_rank[keep]
     teacher_right = float(np.mean([corpus.ids[d] in judged[q] for d, q in zip(teacher_top, train_ids)]))
     if args.labels == "human":
         rng = random.Random(args.seed)
@@ -212,7 +236,9 @@ def main() -> None:
     with_base_docs = ndcg_at_10(scored_q @ base_docs.numpy().T, scored_qrels, corpus.ids)
     result = {"data": args.data, "split": args.split, "score_split": args.score_split or "the other half",
               "labels": args.labels, "mode": args.mode,
-              "train_queries": len(train_ids), "scored_queries": len(scored_ids),
+              "train_queries": len(train_ids), "select": args.select, "scored_queries": len(scored_ids),
+              "base_rank_of_teacher_top": {"median": float(base_rank.float().median()),
+                                           "share_first": round(float((base_rank == 1).float().mean()), 3)},
               "teacher_bm25_weight": w, "teacher_top1_is_judged": round(teacher_right, 3),
               "epochs": args.epochs, "steps": steps, "learning_rate": args.learning_rate, "precision": "fp32",
               "corpus_embeddings_cached": hit, "base": base, "trained_queries_base_documents": with_base_docs}

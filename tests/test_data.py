@@ -20,7 +20,7 @@ from embed.io import JsonlAppender
 def corpus_file(tmp_path, lines):
     d = tmp_path / "beir"
     d.mkdir(exist_ok=True)
-    (d / "corpus.jsonl").write_bytes(b"".join(l if isinstance(l, bytes) else (l + "\n").encode() for l in lines))
+    (d / "corpus.jsonl").write_bytes(b"".join(x if isinstance(x, bytes) else (x + "\n").encode() for x in lines))
     return d
 
 
@@ -97,7 +97,7 @@ def test_appender_cuts_torn_tail_and_skips_done(tmp_path):
     assert app.done == {1, 2}
     assert app.write([{"id": 2}, {"id": 3}, {"id": 4}]) == 2
     app.close()
-    assert [json.loads(l)["id"] for l in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_pairs_from_real_scifact(scifact_dir):

@@ -53,3 +53,11 @@ def test_written_split_loads_as_a_beir_folder(tmp_path):
     unlabelled = [json.loads(line) for line in open(out / "train_half_queries.jsonl")]
     assert [(r["_id"], r["text"]) for r in unlabelled] == [(q, queries[q]) for q in train]
     assert all(set(r) == {"_id", "text"} for r in unlabelled)
+
+
+def test_difficulty_selection_keeps_the_lowest_or_highest_ranks_in_order():
+    bench = _bench()
+    ranks = [3, 1, 7, 1, 3, 2]                      # where the base model ranks the teacher's top document
+    assert bench.by_difficulty(ranks, 2, "hardest") == [0, 2]       # 7, then the first of the 3s
+    assert bench.by_difficulty(ranks, 3, "easiest") == [1, 3, 5]    # both 1s, then the 2
+    assert bench.by_difficulty(ranks, 6, "easiest") == list(range(6))

@@ -24,7 +24,7 @@ CORPUS_CASES = {
 def beir(tmp_path, corpus_lines, qrels="query-id\tcorpus-id\tscore\nq1\td1\t1\n"):
     d = tmp_path / "beir"
     (d / "qrels").mkdir(parents=True, exist_ok=True)
-    (d / "corpus.jsonl").write_bytes(b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in corpus_lines))
+    (d / "corpus.jsonl").write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in corpus_lines))
     (d / "queries.jsonl").write_text('{"_id": "q1", "text": "how do proteins fold"}\n')
     for split in ("test", "train"):
         (d / "qrels" / f"{split}.tsv").write_text(qrels)
