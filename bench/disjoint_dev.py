@@ -146,6 +146,9 @@ def main() -> None:
                              "qrels/scored_half.tsv, plus train_half_queries.jsonl (texts, no labels) for "
                              "mine.unjudged_queries, so the whole pipeline can be scored on the disjoint half")
     args = parser.parse_args()
+    if args.write_split and args.select != "random":
+        # the folder is written before any model runs, so there is no difficulty to select by yet
+        parser.error("--select hardest/easiest needs the base model's ranks; --write_split writes a seeded sample only")
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     cfg = parse_recipe("mine", [args.recipe, "--run_dir", "/tmp/disjoint_dev", "--data.corpus", args.data,

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from embed.data import load_corpus, load_qrels, load_queries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +63,14 @@ def test_difficulty_selection_keeps_the_lowest_or_highest_ranks_in_order():
     assert bench.by_difficulty(ranks, 2, "hardest") == [0, 2]       # 7, then the first of the 3s
     assert bench.by_difficulty(ranks, 3, "easiest") == [1, 3, 5]    # both 1s, then the 2
     assert bench.by_difficulty(ranks, 6, "easiest") == list(range(6))
+
+
+def test_write_split_refuses_a_difficulty_selection_it_cannot_make(tmp_path, monkeypatch, capsys):
+    bench = _bench()
+    monkeypatch.setattr("sys.argv", ["disjoint_dev.py", "--write_split", str(tmp_path / "out"),
+                                     "--max_train_queries", "10", "--select", "hardest"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2
+    assert "--select hardest/easiest" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
